@@ -1,0 +1,59 @@
+//! carebus benchmarks. Each figure is measured in the same run as the disk's own
+//! limits on the same filesystem, and reported as a ratio against them.
+//!
+//! `cargo run --release -p carebus-bench -- log --dir /path/on/the/disk/to/test`
+
+mod disk;
+mod log_append;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "carebus-bench", about = "carebus benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Storage log append throughput and latency against raw write+fdatasync.
+    Log {
+        /// Directory on the filesystem to measure (a temporary directory is made inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent appenders for the group-commit measurement.
+        #[arg(long, default_value_t = 64)]
+        appenders: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Log {
+            dir,
+            seconds,
+            appenders,
+        } => {
+            let work = tempfile::Builder::new()
+                .prefix("carebus-bench-")
+                .tempdir_in(&dir)?;
+            let secs = Duration::from_secs(seconds.max(1));
+            eprintln!("measuring in {}", work.path().display());
+            let raw_sync = disk::write_fdatasync(work.path(), 1024, secs)?;
+            let raw_seq = disk::sequential_bandwidth(work.path(), 256 << 20)?;
+            let one = log_append::run(&work.path().join("log1"), 1, 1024, secs)?;
+            let many = log_append::run(&work.path().join("log64"), appenders, 1024, secs)?;
+            let report = log_append::report(&raw_sync, &raw_seq, &one, &many, appenders);
+            println!("{report}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! The write path: a writer thread and a syncer thread in a pipeline (group commit).
+//!
+//! Appenders encode their batch and queue it. The writer takes everything queued
+//! (up to a bound), frames the batches with consecutive offsets, writes them with one
+//! positional write and hands the written group to the syncer. The syncer takes every
+//! group handed to it so far, calls fdatasync once for all of them, publishes the new
+//! end to readers and answers every appender. While the syncer waits for the disk the
+//! writer is already writing the next groups, so the disk is kept busy with one
+//! fdatasync after another, each covering everything that arrived during the last.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use crate::error::{LogError, Result};
+use crate::segment::{self, IndexEntry, IndexHeader};
+use crate::{
+    ActiveView, AppendAck, AppendReply, Durability, FsyncPolicy, Request, Sealed, Shared,
+    WriterState, create_segment,
+};
+
+/// Most requests taken into one group.
+const MAX_GROUP_REQUESTS: usize = 4096;
+/// Most bytes taken into one group (a single larger batch still goes alone).
+const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+struct PendingAppend {
+    payload: Vec<u8>,
+    count: u32,
+    max_timestamp: i64,
+    reply: AppendReply,
+}
+
+impl PendingAppend {
+    fn frame_len(&self) -> u64 {
+        (segment::FRAME_PREFIX_LEN + segment::BATCH_HEADER_LEN + self.payload.len()) as u64
+    }
+}
+
+/// A group written to the page cache, waiting for fdatasync and publication.
+struct WrittenGroup {
+    file: Arc<std::fs::File>,
+    path: PathBuf,
+    segment_base: u64,
+    end_len: u64,
+    next_offset: u64,
+    new_entries: Vec<IndexEntry>,
+    records: u64,
+    bytes: u64,
+    replies: Vec<(AppendReply, u64, u64)>,
+}
+
+enum SyncerMsg {
+    Written(WrittenGroup),
+    /// Answered once everything handed over before it is synced and published.
+    Barrier(std::sync::mpsc::SyncSender<Result<()>>),
+}
+
+fn clone_err(e: &LogError) -> LogError {
+    match e {
+        LogError::Poisoned(s) => LogError::Poisoned(s.clone()),
+        LogError::StorageFull { path } => LogError::StorageFull { path: path.clone() },
+        other => LogError::Poisoned(other.to_string()),
+    }
+}
+
+fn poisoned(shared: &Shared) -> Option<String> {
+    shared.poisoned.lock().ok().and_then(|g| g.clone())
+}
+
+fn poison(shared: &Shared, why: String) {
+    tracing::error!(dir = %shared.dir.display(), reason = %why, "log poisoned; appends refused until reopen");
+    if let Ok(mut g) = shared.poisoned.lock() {
+        g.get_or_insert(why);
+    }
+}
+
+fn fdatasync(shared: &Shared, file: &std::fs::File, path: &std::path::Path) -> Result<()> {
+    let t = Instant::now();
+    let r = file.sync_data();
+    let c = &shared.counters;
+    c.fsyncs.fetch_add(1, Ordering::Relaxed);
+    c.fsync_micros.fetch_add(
+        u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    r.map_err(|e| {
+        let err = LogError::io("fdatasync", path, e);
+        poison(shared, err.to_string());
+        err
+    })
+}
+
+/// Entry point of the writer thread. Starts and finally joins the syncer thread.
+pub(crate) fn run(shared: Arc<Shared>, seg: WriterState, rx: Receiver<Request>) {
+    let (sync_tx, sync_rx) = mpsc::channel();
+    let syncer_shared = Arc::clone(&shared);
+    let syncer = std::thread::Builder::new()
+        .name("carebus-log-syncer".into())
+        .spawn(move || run_syncer(syncer_shared, sync_rx));
+    let syncer = match syncer {
+        Ok(h) => h,
+        Err(e) => {
+            poison(&shared, format!("cannot start the syncer thread: {e}"));
+            return;
+        }
+    };
+    let mut w = Writer {
+        shared,
+        seg,
+        syncer: sync_tx,
+        buf: Vec::new(),
+    };
+    let mut shutting_down = false;
+    while !shutting_down {
+        let Ok(first) = rx.recv() else { break };
+        let mut appends = Vec::new();
+        let mut syncs = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Append {
+                    payload,
+                    count,
+                    max_timestamp,
+                    reply,
+                } => {
+                    bytes += payload.len();
+                    appends.push(PendingAppend {
+                        payload,
+                        count,
+                        max_timestamp,
+                        reply,
+                    });
+                }
+                Request::Sync(reply) => syncs.push(reply),
+                Request::Shutdown => shutting_down = true,
+            }
+            if appends.len() < MAX_GROUP_REQUESTS && bytes < MAX_GROUP_BYTES && !shutting_down {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            w.commit(appends);
+        }
+        if !syncs.is_empty() {
+            let result = w.barrier();
+            for reply in syncs {
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(clone_err));
+            }
+        }
+    }
+    let _ = w.barrier();
+    drop(w);
+    let _ = syncer.join();
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    seg: WriterState,
+    syncer: Sender<SyncerMsg>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Waits until everything written so far is synced (per policy: fsynced) and published.
+    fn barrier(&self) -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.syncer
+            .send(SyncerMsg::Barrier(tx))
+            .map_err(|_| LogError::Closed)?;
+        rx.recv().map_err(|_| LogError::Closed)?
+    }
+
+    fn should_roll(&self, frame_len: u64) -> bool {
+        let has_data = self.seg.len > segment::SEGMENT_HEADER_LEN;
+        let full = self.seg.len + frame_len > self.shared.config.segment_bytes;
+        let old = self
+            .shared
+            .config
+            .segment_max_age
+            .is_some_and(|age| self.seg.opened_at.elapsed() >= age);
+        has_data && (full || old)
+    }
+
+    /// Seals the active segment once all of it is durable, and starts a new one.
+    fn roll(&mut self) -> Result<()> {
+        self.barrier()?;
+        // Under the interval policy the barrier does not fsync; a sealed segment must be durable.
+        fdatasync(&self.shared, &self.seg.file, &self.seg.path)?;
+        let dir = self.shared.dir.clone();
+        let entry_count = u32::try_from(self.seg.entries.len())
+            .map_err(|_| LogError::Config("index too large".into()))?;
+        segment::write_index(
+            &dir,
+            &IndexHeader {
+                base: self.seg.base,
+                next_offset: self.seg.next_offset,
+                max_timestamp: self.seg.max_timestamp,
+                segment_len: self.seg.len,
+                entry_count,
+            },
+            &self.seg.entries,
+        )?;
+        // create_segment fsyncs the directory, which also makes the index rename durable.
+        let base = self.seg.next_offset;
+        let (path, file) = create_segment(&dir, base)?;
+        let file = Arc::new(file);
+        let old = std::mem::replace(
+            &mut self.seg,
+            WriterState {
+                base,
+                path: path.clone(),
+                file: Arc::clone(&file),
+                len: segment::SEGMENT_HEADER_LEN,
+                next_offset: base,
+                max_timestamp: i64::MIN,
+                entries: Vec::new(),
+                last_indexed: None,
+                opened_at: Instant::now(),
+            },
+        );
+        let mut st = self
+            .shared
+            .state
+            .write()
+            .map_err(|_| LogError::Poisoned("state lock poisoned".into()))?;
+        st.sealed.insert(
+            old.base,
+            Sealed {
+                base: old.base,
+                next_offset: old.next_offset,
+                max_timestamp: old.max_timestamp,
+                len: old.len,
+                path: old.path,
+                file: old.file,
+            },
+        );
+        st.active = ActiveView {
+            base,
+            path,
+            file,
+            len: segment::SEGMENT_HEADER_LEN,
+            next_offset: base,
+            entries: Vec::new(),
+        };
+        tracing::debug!(dir = %dir.display(), sealed = old.base, new_base = base, "segment rolled");
+        Ok(())
+    }
+
+    fn commit(&mut self, appends: Vec<PendingAppend>) {
+        if let Some(why) = poisoned(&self.shared) {
+            for a in appends {
+                a.reply.send(Err(LogError::Poisoned(why.clone())));
+            }
+            return;
+        }
+        let mut rest = appends.into_iter().peekable();
+        while let Some(first) = rest.peek() {
+            if self.should_roll(first.frame_len())
+                && let Err(e) = self.roll()
+            {
+                tracing::error!(dir = %self.shared.dir.display(), error = %e, "segment roll failed");
+                for a in rest {
+                    a.reply.send(Err(clone_err(&e)));
+                }
+                return;
+            }
+            // Take batches while they fit in this segment (always at least one).
+            let mut chunk = Vec::new();
+            let mut projected = self.seg.len;
+            while let Some(a) = rest.peek() {
+                let fl = a.frame_len();
+                if !chunk.is_empty() && projected + fl > self.shared.config.segment_bytes {
+                    break;
+                }
+                projected += fl;
+                if let Some(a) = rest.next() {
+                    chunk.push(a);
+                }
+            }
+            if let Err(e) = self.write_chunk(chunk) {
+                for a in rest {
+                    a.reply.send(Err(clone_err(&e)));
+                }
+                return;
+            }
+        }
+    }
+
+    /// Writes one group of batches at the end of the active segment and hands it to
+    /// the syncer. On a failed write, cuts what landed and answers with the error.
+    fn write_chunk(&mut self, chunk: Vec<PendingAppend>) -> Result<()> {
+        self.buf.clear();
+        let start_len = self.seg.len;
+        let mut offset = self.seg.next_offset;
+        let mut spans = Vec::with_capacity(chunk.len());
+        let mut new_entries: Vec<IndexEntry> = Vec::new();
+        let mut last_indexed = self.seg.last_indexed;
+        let mut max_ts = self.seg.max_timestamp;
+        let mut records = 0u64;
+        for a in &chunk {
+            let position = start_len + self.buf.len() as u64;
+            let entry = (
+                u32::try_from(offset - self.seg.base),
+                u32::try_from(position),
+            );
+            let framed =
+                segment::encode_frame(&mut self.buf, offset, a.count, a.max_timestamp, &a.payload);
+            let (Ok(()), (Ok(rel), Ok(pos))) = (framed, entry) else {
+                let e = LogError::Config("segment too large for its index".into());
+                for a in chunk {
+                    a.reply.send(Err(clone_err(&e)));
+                }
+                return Ok(());
+            };
+            if last_indexed.is_none_or(|l| position - l >= self.shared.config.index_interval_bytes)
+            {
+                new_entries.push(IndexEntry {
+                    relative_offset: rel,
+                    position: pos,
+                });
+                last_indexed = Some(position);
+            }
+            spans.push((offset, offset + u64::from(a.count) - 1));
+            offset += u64::from(a.count);
+            records += u64::from(a.count);
+            max_ts = max_ts.max(a.max_timestamp);
+        }
+        if let Err(e) = self.seg.file.write_all_at(&self.buf, start_len) {
+            let err = LogError::io("write", &self.seg.path, e);
+            // Cut whatever part of the write landed, so the next append starts clean.
+            if let Err(t) = self.seg.file.set_len(start_len) {
+                poison(&self.shared, format!("could not undo a failed write: {t}"));
+            }
+            tracing::warn!(dir = %self.shared.dir.display(), error = %err, "append failed; nothing of it kept");
+            for a in chunk {
+                a.reply.send(Err(clone_err(&err)));
+            }
+            return Ok(());
+        }
+        let written = self.buf.len() as u64;
+        self.seg.len += written;
+        self.seg.next_offset = offset;
+        self.seg.max_timestamp = max_ts;
+        self.seg.last_indexed = last_indexed;
+        self.seg.entries.extend_from_slice(&new_entries);
+        let group = WrittenGroup {
+            file: Arc::clone(&self.seg.file),
+            path: self.seg.path.clone(),
+            segment_base: self.seg.base,
+            end_len: self.seg.len,
+            next_offset: offset,
+            new_entries,
+            records,
+            bytes: written,
+            replies: chunk
+                .into_iter()
+                .zip(spans)
+                .map(|(a, (b, l))| (a.reply, b, l))
+                .collect(),
+        };
+        self.syncer
+            .send(SyncerMsg::Written(group))
+            .map_err(|_| LogError::Closed)
+    }
+}
+
+/// Entry point of the syncer thread.
+fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
+    let interval = match shared.config.fsync {
+        FsyncPolicy::Always => None,
+        FsyncPolicy::Interval(d) => Some(d),
+    };
+    // Interval policy: the oldest unsynced write, and the file it went to.
+    let mut dirty: Option<(Instant, Arc<std::fs::File>, PathBuf)> = None;
+    // Appends in flight when the last group was answered: the appenders just released
+    // are expected back at once, so the next fdatasync briefly waits for them (bounded
+    // by half an fdatasync) instead of splitting them into two alternating cohorts.
+    let mut population = 0u64;
+    let mut last_fsync = Duration::ZERO;
+    loop {
+        let first = match (interval, &dirty) {
+            (Some(every), Some((since, _, _))) => {
+                match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some((_, file, path)) = dirty.take() {
+                            let _ = fdatasync(&shared, &file, &path);
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            _ => match rx.recv_timeout(Duration::from_secs(3600)) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        let mut groups = Vec::new();
+        let mut barriers = Vec::new();
+        let mut pending = 0u64;
+        let mut next = Some(first);
+        let mut deadline: Option<Instant> = None;
+        while let Some(m) = next.take() {
+            match m {
+                SyncerMsg::Written(g) => {
+                    pending += g.replies.len() as u64;
+                    groups.push(g);
+                }
+                SyncerMsg::Barrier(b) => {
+                    // Stop taking more: the barrier covers only what came before it.
+                    barriers.push(b);
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
+            if next.is_none() && pending < population && interval.is_none() {
+                let until = *deadline.get_or_insert_with(|| {
+                    Instant::now() + (last_fsync / 2).min(Duration::from_micros(500))
+                });
+                next = rx
+                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                    .ok();
+            }
+        }
+        let result = if interval.is_some() {
+            if let Some(g) = groups.last() {
+                let since = dirty.as_ref().map_or_else(Instant::now, |d| d.0);
+                dirty = Some((since, Arc::clone(&g.file), g.path.clone()));
+            }
+            // A sync request or a roll wants everything on disk.
+            let synced = match (barriers.is_empty(), dirty.take()) {
+                (false, Some((_, file, path))) => fdatasync(&shared, &file, &path),
+                (true, d) => {
+                    dirty = d;
+                    Ok(())
+                }
+                (false, None) => Ok(()),
+            };
+            // A failed fdatasync poisoned the log, so publish answers with the error.
+            let published = publish(&shared, groups, Durability::Buffered);
+            synced.and(published)
+        } else {
+            let started = Instant::now();
+            let synced = sync_groups(&shared, &groups);
+            last_fsync = started.elapsed();
+            population = shared.in_flight.load(Ordering::Acquire);
+            let published = publish(&shared, groups, Durability::Fsynced);
+            synced.and(published)
+        };
+        for b in barriers {
+            let _ = b.send(result.as_ref().map(|_| ()).map_err(clone_err));
+        }
+    }
+    if let Some((_, file, path)) = dirty.take() {
+        let _ = fdatasync(&shared, &file, &path);
+    }
+}
+
+/// fdatasyncs every file the groups were written to (one per segment, usually one).
+/// A failure poisons the log (see [`fdatasync`]).
+fn sync_groups(shared: &Shared, groups: &[WrittenGroup]) -> Result<()> {
+    let mut last_base = None;
+    for g in groups {
+        if last_base != Some(g.segment_base) {
+            fdatasync(shared, &g.file, &g.path)?;
+            last_base = Some(g.segment_base);
+        }
+    }
+    Ok(())
+}
+
+/// Makes the groups visible to readers and answers their appenders.
+fn publish(shared: &Shared, groups: Vec<WrittenGroup>, durability: Durability) -> Result<()> {
+    if let Some(why) = poisoned(shared) {
+        for g in groups {
+            for (reply, _, _) in g.replies {
+                reply.send(Err(LogError::Poisoned(why.clone())));
+            }
+        }
+        return Err(LogError::Poisoned(why));
+    }
+    let Some(last) = groups.last() else {
+        return Ok(());
+    };
+    let visible = last.next_offset;
+    {
+        let Ok(mut st) = shared.state.write() else {
+            return Err(LogError::Poisoned("state lock poisoned".into()));
+        };
+        for g in &groups {
+            // Rolls wait for a barrier, so every group belongs to the active segment.
+            if g.segment_base == st.active.base {
+                st.active.len = g.end_len;
+                st.active.next_offset = g.next_offset;
+                st.active.entries.extend_from_slice(&g.new_entries);
+            }
+        }
+    }
+    shared.visible.send_replace(visible);
+    let c = &shared.counters;
+    for g in groups {
+        c.batches
+            .fetch_add(g.replies.len() as u64, Ordering::Relaxed);
+        c.records.fetch_add(g.records, Ordering::Relaxed);
+        c.bytes_written.fetch_add(g.bytes, Ordering::Relaxed);
+        for (reply, base_offset, last_offset) in g.replies {
+            reply.send(Ok(AppendAck {
+                base_offset,
+                last_offset,
+                durability,
+            }));
+        }
+    }
+    Ok(())
+}

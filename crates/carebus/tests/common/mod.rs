@@ -1,0 +1,151 @@
+//! Starting and stopping the real `carebus` binary for process-level tests.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::zombie_processes
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `carebus serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: mpsc::Receiver<serde_json::Value>,
+}
+
+pub fn carebus() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_carebus"))
+}
+
+impl Server {
+    /// Starts the server on a free port with JSON logs and waits until it listens.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = carebus()
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start carebus");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "carebus did not start listening within 30 s"
+            );
+            let v = rx
+                .recv_timeout(left)
+                .expect("carebus exited before listening");
+            if v["fields"]["message"] == "http listening" {
+                let addr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                return Server {
+                    child,
+                    addr,
+                    logs: rx,
+                };
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Polls `path` until it answers `status`, for at most `timeout`.
+    pub fn wait_status(&self, path: &str, status: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (code, _) = curl(&["-s", &self.url(path)]);
+            if code == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} did not answer {status} within {timeout:?} (last {code})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until a log line with this message appears, returning it.
+    pub fn wait_log(&self, message: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line {message:?} within {timeout:?}"));
+            if v["fields"]["message"] == message {
+                return v;
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carebus did not exit within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl (an independent HTTP client) and returns the HTTP status and body.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed (the test command installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
