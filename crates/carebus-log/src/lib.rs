@@ -703,6 +703,8 @@ pub(crate) struct WriterState {
     pub(crate) entries: Vec<IndexEntry>,
     pub(crate) last_indexed: Option<u64>,
     pub(crate) opened_at: Instant,
+    /// File size: data plus zero-filled preallocation.
+    pub(crate) allocated: u64,
 }
 
 fn open_rw(path: &Path) -> Result<File> {
@@ -888,20 +890,25 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
     )?;
     report.scanned_bytes = scan.valid_len;
     if scan.valid_len < len {
-        let cut = len - scan.valid_len;
+        // Zeros after the last batch are preallocated space (or a write whose size
+        // reached the disk before its data): nothing was there. Anything else is a
+        // torn or corrupt batch. Both are cut; only the latter is reported.
+        let torn = segment::nonzero_extent(&file, &path, scan.valid_len, len)?;
         file.set_len(scan.valid_len)
             .map_err(|e| LogError::io("truncate torn tail", &path, e))?;
         file.sync_all()
             .map_err(|e| LogError::io("fsync segment", &path, e))?;
-        report.truncated_bytes += cut;
-        report.truncated_records += u64::from(scan.first_invalid_count.unwrap_or(0));
-        report.truncation_reason = scan.stopped_by.clone();
-        tracing::warn!(
-            segment = %path.display(),
-            position = scan.valid_len,
-            bytes = cut,
-            "recovery truncated a torn or corrupt tail"
-        );
+        if torn > 0 {
+            report.truncated_bytes += torn;
+            report.truncated_records += u64::from(scan.first_invalid_count.unwrap_or(0));
+            report.truncation_reason = scan.stopped_by.clone();
+            tracing::warn!(
+                segment = %path.display(),
+                position = scan.valid_len,
+                bytes = torn,
+                "recovery truncated a torn or corrupt tail"
+            );
+        }
     }
     // An index file for the active segment comes from a roll that did not finish.
     let stale = segment::index_path(dir, active_base);
@@ -945,6 +952,7 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
         entries: scan.entries,
         last_indexed,
         opened_at: Instant::now(),
+        allocated: scan.valid_len,
     };
     Ok((state, report, writer))
 }

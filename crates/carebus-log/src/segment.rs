@@ -449,6 +449,22 @@ pub(crate) fn read_index_entries(path: &Path) -> Option<(IndexHeader, Vec<IndexE
     Some((header, entries))
 }
 
+/// Length of `[from, to)` up to and including its last non-zero byte (0 if all zeros).
+pub(crate) fn nonzero_extent(file: &File, path: &Path, from: u64, to: u64) -> Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let mut last_nonzero: Option<u64> = None;
+    let mut pos = from;
+    while pos < to {
+        let len = (to - pos).min(CHUNK);
+        let buf = read_at(file, path, pos, usize::try_from(len).unwrap_or(0))?;
+        if let Some(i) = buf.iter().rposition(|&b| b != 0) {
+            last_nonzero = Some(pos + i as u64);
+        }
+        pos += len;
+    }
+    Ok(last_nonzero.map_or(0, |l| l + 1 - from))
+}
+
 /// fsyncs a directory so that created, renamed and deleted entries are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

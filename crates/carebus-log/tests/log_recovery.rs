@@ -73,16 +73,53 @@ fn a_torn_tail_is_cut_and_reported() {
 }
 
 #[test]
-fn zeros_after_the_last_batch_are_cut() {
+fn zeros_after_the_last_batch_are_cut_but_not_reported_as_torn() {
+    // Zeros are what preallocation leaves, or a size update that reached the disk
+    // before its data: no batch was there.
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(dir.path(), cfg()).unwrap();
     fill(&log, 3);
     drop(log);
     let active = files(dir.path(), "log").pop().unwrap();
+    let good_len = std::fs::metadata(&active).unwrap().len();
     append_bytes(&active, &[0u8; 1000]);
     let (log, report) = Log::open(dir.path(), cfg()).unwrap();
-    assert_eq!(report.truncated_bytes, 1000);
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(std::fs::metadata(&active).unwrap().len(), good_len);
     assert_eq!(log.next_offset(), 3);
+    // Garbage after zeros is torn data: reported up to its last byte.
+    drop(log);
+    append_bytes(&active, &[0u8; 100]);
+    append_bytes(&active, &[7u8; 5]);
+    append_bytes(&active, &[0u8; 50]);
+    let (_log, report) = Log::open(dir.path(), cfg()).unwrap();
+    assert_eq!(report.truncated_bytes, 105);
+}
+
+#[test]
+fn an_open_log_preallocates_and_a_clean_close_trims() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = LogConfig {
+        segment_bytes: 8 << 20,
+        ..cfg()
+    };
+    let (log, _) = Log::open(dir.path(), big.clone()).unwrap();
+    fill(&log, 3);
+    let active = files(dir.path(), "log").pop().unwrap();
+    let open_len = std::fs::metadata(&active).unwrap().len();
+    assert!(open_len >= 1 << 20, "preallocated {open_len}");
+    let data_len = log.size_bytes();
+    drop(log);
+    assert_eq!(std::fs::metadata(&active).unwrap().len(), data_len);
+    // A crash leaves the zeros: recovery cuts them silently.
+    let (log, _) = Log::open(dir.path(), big.clone()).unwrap();
+    fill(&log, 1);
+    let crash_image = std::fs::read(&active).unwrap();
+    drop(log);
+    std::fs::write(&active, &crash_image).unwrap();
+    let (log, report) = Log::open(dir.path(), big).unwrap();
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(log.next_offset(), 4);
 }
 
 #[test]
