@@ -1,9 +1,12 @@
 //! The carebus broker core.
 //!
-//! Today it owns the data directory: it locks it against a second broker and opens
-//! (recovering) every partition log stored under `topics/<topic>/<partition>/`.
-//! Topics, exactly-once publish, subscriptions and deliveries build on it.
+//! Today it owns the data directory (locked against a second broker) and the topics:
+//! their configuration and one recovered log per partition under
+//! `topics/<topic>/<partition>/`. Exactly-once publish, subscriptions and deliveries
+//! build on it; see `DESIGN.md` in this crate for the plan.
 
 mod store;
+pub mod topic;
 
-pub use store::{Store, StoreError, StoreReport};
+pub use store::{Store, StoreError, StoreReport, Topic};
+pub use topic::{TopicConfig, partition_for_key, validate_name};
