@@ -25,11 +25,13 @@ impl AppendRun {
     }
 }
 
-/// `appenders` threads each append one `size`-byte record at a time for `duration`.
+/// `appenders` tasks each append one `size`-byte record at a time; what happens in the
+/// first `warmup` is not measured, then `duration` is.
 pub fn run(
     dir: &Path,
     appenders: usize,
     size: usize,
+    warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<AppendRun> {
     let (log, _) = Log::open(
@@ -41,15 +43,16 @@ pub fn run(
     )?;
     let log = Arc::new(log);
     let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(warmup.is_zero()));
     // Appenders are tasks on a multi-threaded runtime, as the server's request handlers are.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let start = Instant::now();
     let handles: Vec<_> = (0..appenders)
         .map(|_| {
             let log = Arc::clone(&log);
             let stop = Arc::clone(&stop);
+            let measuring = Arc::clone(&measuring);
             runtime.spawn(async move {
                 let mut hist = Histogram::<u64>::new(3)?;
                 let value = bytes::Bytes::from(vec![0x42u8; size]);
@@ -57,6 +60,9 @@ pub fn run(
                     let t = Instant::now();
                     let ack = log.append(&[Record::new(value.clone())]).await?;
                     anyhow::ensure!(ack.durability == Durability::Fsynced, "ack was not fsynced");
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     hist.record(
                         u64::try_from(t.elapsed().as_micros())
                             .unwrap_or(u64::MAX)
@@ -67,15 +73,26 @@ pub fn run(
             })
         })
         .collect();
+    std::thread::sleep(warmup);
+    let before = log.stats();
+    let start = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    let after = log.stats();
     let mut hist = Histogram::<u64>::new(3)?;
     for h in handles {
         let part = runtime.block_on(h)??;
         hist.add(part)?;
     }
-    let elapsed = start.elapsed();
-    let stats = log.stats();
+    let stats = LogStats {
+        batches: after.batches - before.batches,
+        records: after.records - before.records,
+        fsyncs: after.fsyncs - before.fsyncs,
+        fsync_micros: after.fsync_micros - before.fsync_micros,
+        bytes_written: after.bytes_written - before.bytes_written,
+    };
     Ok(AppendRun {
         appenders,
         records: stats.records,
@@ -94,6 +111,7 @@ pub fn report(
     seq: &Sequential,
     one: &AppendRun,
     many: &AppendRun,
+    cold: &AppendRun,
     appenders: usize,
 ) -> String {
     let raw_mean = raw.mean_us();
@@ -120,9 +138,13 @@ pub fn report(
         seq_records,
         seq.bytes_per_sec() / 1e6
     ));
-    for run in [one, many] {
+    for (run, when) in [
+        (one, "steady state"),
+        (many, "steady state"),
+        (cold, "new log, no warm-up"),
+    ] {
         s.push_str(&format!(
-            "| carebus-log append, {} appender(s), fsync before ack | {:.0} | {} | {} | {} | {} | {:.1} | {} |\n",
+            "| carebus-log append, {} appender(s), fsync before ack, {when} | {:.0} | {} | {} | {} | {} | {:.1} | {} |\n",
             run.appenders,
             run.records_per_sec(),
             ms(run.latency_us.value_at_quantile(0.5) as f64),

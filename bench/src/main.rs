@@ -28,6 +28,10 @@ enum Command {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Seconds of appends before each measurement starts (steady state: the first
+        /// segment of a new log is zero-filled as it grows, later ones come pre-zeroed).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
         /// Concurrent appenders for the group-commit measurement.
         #[arg(long, default_value_t = 64)]
         appenders: usize,
@@ -40,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Log {
             dir,
             seconds,
+            warmup,
             appenders,
         } => {
             let work = tempfile::Builder::new()
@@ -49,9 +54,17 @@ fn main() -> anyhow::Result<()> {
             eprintln!("measuring in {}", work.path().display());
             let raw_sync = disk::write_fdatasync(work.path(), 1024, secs)?;
             let raw_seq = disk::sequential_bandwidth(work.path(), 256 << 20)?;
-            let one = log_append::run(&work.path().join("log1"), 1, 1024, secs)?;
-            let many = log_append::run(&work.path().join("log64"), appenders, 1024, secs)?;
-            let report = log_append::report(&raw_sync, &raw_seq, &one, &many, appenders);
+            let warm = Duration::from_secs(warmup);
+            let one = log_append::run(&work.path().join("log1"), 1, 1024, warm, secs)?;
+            let many = log_append::run(&work.path().join("log64"), appenders, 1024, warm, secs)?;
+            let cold = log_append::run(
+                &work.path().join("log64-cold"),
+                appenders,
+                1024,
+                Duration::ZERO,
+                secs,
+            )?;
+            let report = log_append::report(&raw_sync, &raw_seq, &one, &many, &cold, appenders);
             println!("{report}");
             Ok(())
         }
