@@ -55,7 +55,8 @@ fn rss_bytes(page: u64) -> anyhow::Result<u64> {
 
 /// Peak resident set size in bytes (`VmHWM` of `/proc/self/status`).
 fn peak_rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -68,7 +69,7 @@ fn peak_rss_bytes() -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-fn key(buf: &mut String, prefix: &str, i: u64) -> &[u8] {
+fn key<'a>(buf: &'a mut String, prefix: &str, i: u64) -> &'a [u8] {
     buf.clear();
     let _ = write!(buf, "EPICADT|NORTHGATE|{prefix}{i:07}");
     buf.as_bytes()
@@ -102,7 +103,11 @@ pub fn run(dir: &Path, keys: u64) -> anyhow::Result<Report> {
     let peak_after = peak_rss_bytes()?;
     let index_bytes = idx.memory_bytes() as u64;
     let disk_runs = idx.disk_runs();
-    anyhow::ensure!(idx.len() as u64 == keys, "index holds {} of {keys} keys", idx.len());
+    anyhow::ensure!(
+        idx.len() as u64 == keys,
+        "index holds {} of {keys} keys",
+        idx.len()
+    );
 
     let now = base_ts + (keys / 1000) as i64;
     let lookups = keys.clamp(1, 1_000_000);
@@ -112,7 +117,9 @@ pub fn run(dir: &Path, keys: u64) -> anyhow::Result<Report> {
     for _ in 0..lookups {
         let found = idx.candidates(key(&mut buf, "NG-ADT-", i), now)?;
         anyhow::ensure!(
-            found.iter().any(|e| e.offset == i / 8 && e.partition == (i % 8) as u32),
+            found
+                .iter()
+                .any(|e| e.offset == i / 8 && e.partition == (i % 8) as u32),
             "key {i} not found"
         );
         i = (i + stride.max(1)) % keys.max(1);

@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p carebus-bench -- log --dir /path/on/the/disk/to/test`
 
+mod dedup_memory;
 mod disk;
 mod log_append;
 
@@ -36,6 +37,16 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         appenders: usize,
     },
+    /// Memory per key of the deduplication index (its own count and RSS growth),
+    /// insert and lookup rates; everything stays in memory.
+    DedupMemory {
+        /// Keys to insert.
+        #[arg(long, default_value_t = 10_000_000)]
+        keys: u64,
+        /// Directory for the index's files (a temporary directory is made inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +77,14 @@ fn main() -> anyhow::Result<()> {
             )?;
             let report = log_append::report(&raw_sync, &raw_seq, &one, &many, &cold, appenders);
             println!("{report}");
+            Ok(())
+        }
+        Command::DedupMemory { keys, dir } => {
+            let work = tempfile::Builder::new()
+                .prefix("carebus-bench-dedup-")
+                .tempdir_in(&dir)?;
+            let r = dedup_memory::run(work.path(), keys)?;
+            println!("{}", dedup_memory::report(&r));
             Ok(())
         }
     }

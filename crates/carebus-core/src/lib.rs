@@ -5,8 +5,13 @@
 //! `topics/<topic>/<partition>/`. Exactly-once publish, subscriptions and deliveries
 //! build on it; see `DESIGN.md` in this crate for the plan.
 
+mod broker;
+pub mod dedup;
+mod message;
 mod store;
 pub mod topic;
 
+pub use broker::{Broker, BrokerConfig, BrokerError, PublishOutcome, TopicCounters, TopicRuntime};
+pub use message::{PublishMessage, StoredMessage, body_hash};
 pub use store::{Store, StoreError, StoreReport, Topic};
 pub use topic::{TopicConfig, partition_for_key, validate_name};

@@ -253,6 +253,11 @@ impl Store {
         Ok((topic, existing.is_none()))
     }
 
+    /// The directory of a topic (whether or not it exists).
+    pub fn topic_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("topics").join(name)
+    }
+
     /// The topic, if it exists.
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.read().ok()?.get(name).cloned()

@@ -405,6 +405,13 @@ impl Log {
         rx.blocking_recv().map_err(|_| LogError::Closed)?
     }
 
+    /// Queues a batch without waiting for its acknowledgement: it is written in order
+    /// with everything queued before and after it, and made durable by the next group
+    /// commit, but a crash before then may lose it. For records whose loss is harmless.
+    pub fn append_detached(&self, records: &[Record]) -> Result<()> {
+        self.submit(records).map(|_| ())
+    }
+
     fn submit(&self, records: &[Record]) -> Result<oneshot::Receiver<Result<AppendAck>>> {
         if records.is_empty() {
             return Err(LogError::EmptyBatch);

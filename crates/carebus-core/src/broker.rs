@@ -1,0 +1,551 @@
+//! The broker: topics at run time and exactly-once publish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use carebus_log::{Durability, FsyncPolicy, Log, LogConfig, LogError};
+use tokio::sync::Notify;
+
+use crate::dedup::{DedupConfig, DedupEntry, DedupError, DedupIndex, fingerprint};
+use crate::message::{PublishMessage, StoredMessage};
+use crate::store::{Store, StoreError, StoreReport, Topic};
+use crate::topic::{TopicConfig, partition_for_key};
+
+/// Lock stripes per topic that serialise publishes of the same idempotency key.
+const KEY_STRIPES: usize = 1024;
+/// Checkpoint a topic's dedup index after this many inserts.
+const CHECKPOINT_EVERY: u64 = 10_000;
+
+/// Errors of broker operations. Each has a stable `code()` for the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The store (data directory, topic files) failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A partition log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A deduplication index failed.
+    #[error(transparent)]
+    Dedup(#[from] DedupError),
+    /// No such topic.
+    #[error("topic {0} does not exist")]
+    UnknownTopic(String),
+    /// No such partition.
+    #[error("topic {topic} has no partition {partition}")]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+    },
+    /// An empty batch.
+    #[error("a publish must carry at least one message")]
+    EmptyBatch,
+    /// The messages of one batch would land in different partitions.
+    #[error(
+        "the batch's messages map to {0} different partitions; an atomic batch must land in one partition (give them the same partition key, or publish them separately)"
+    )]
+    BatchSpansPartitions(usize),
+    /// An internal lock was poisoned by a panic.
+    #[error("internal error: a lock was poisoned")]
+    Internal,
+}
+
+impl BrokerError {
+    /// A stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::Store(StoreError::UnknownTopic(_)) | BrokerError::UnknownTopic(_) => {
+                "unknown_topic"
+            }
+            BrokerError::Store(StoreError::InvalidTopic(_)) => "invalid_topic",
+            BrokerError::Store(StoreError::PartitionsCannotShrink { .. }) => {
+                "partitions_cannot_shrink"
+            }
+            BrokerError::Store(_) => "storage_error",
+            BrokerError::Log(LogError::StorageFull { .. }) => "storage_full",
+            BrokerError::Log(LogError::RecordTooLarge { .. } | LogError::BatchTooLarge { .. }) => {
+                "message_too_large"
+            }
+            BrokerError::Log(LogError::OffsetOutOfRange { .. }) => "offset_out_of_range",
+            BrokerError::Log(_) => "storage_error",
+            BrokerError::Dedup(_) => "dedup_error",
+            BrokerError::UnknownPartition { .. } => "unknown_partition",
+            BrokerError::EmptyBatch => "empty_batch",
+            BrokerError::BatchSpansPartitions(_) => "batch_spans_partitions",
+            BrokerError::Internal => "internal",
+        }
+    }
+}
+
+fn poisoned<T>(_: T) -> BrokerError {
+    BrokerError::Internal
+}
+
+/// Broker-wide settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Storage settings for every partition log.
+    pub log: LogConfig,
+    /// Memory budget of each topic's deduplication index before it spills to disk.
+    pub dedup_memory_budget_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            log: LogConfig::default(),
+            dedup_memory_budget_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The answer to one published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// Partition of the stored copy.
+    pub partition: u32,
+    /// Offset of the stored copy (the first copy, for a duplicate).
+    pub offset: u64,
+    /// The idempotency key was seen before: nothing new was stored.
+    pub duplicate: bool,
+    /// A duplicate whose body differs from the first copy (the first copy stays).
+    pub conflict: bool,
+    /// Durability of the stored copy.
+    pub durability: Durability,
+}
+
+/// Counters of one topic, for metrics.
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    /// Messages stored.
+    pub published: AtomicU64,
+    /// Publishes answered as duplicates.
+    pub duplicates: AtomicU64,
+    /// Duplicates whose body differed.
+    pub conflicts: AtomicU64,
+}
+
+/// A topic at run time.
+#[derive(Debug)]
+pub struct TopicRuntime {
+    name: String,
+    topic: RwLock<Arc<Topic>>,
+    dedup: Mutex<DedupIndex>,
+    key_stripes: Vec<tokio::sync::Mutex<()>>,
+    round_robin: AtomicU32,
+    inserts_since_checkpoint: AtomicU64,
+    /// Notified after every append, for subscriptions waiting for data.
+    pub new_data: Notify,
+    /// Publish counters.
+    pub counters: TopicCounters,
+}
+
+impl TopicRuntime {
+    fn open(
+        topic: Arc<Topic>,
+        topic_dir: &Path,
+        budget: usize,
+    ) -> Result<TopicRuntime, BrokerError> {
+        let (mut dedup, replay_from) = DedupIndex::open(
+            &topic_dir.join("dedup"),
+            DedupConfig {
+                window: topic.config.dedup_window(),
+                memory_budget_bytes: budget,
+            },
+        )?;
+        let mut replayed = 0u64;
+        for (p, log) in topic.partitions.iter().enumerate() {
+            let p32 = u32::try_from(p).unwrap_or(u32::MAX);
+            let mut at = replay_from
+                .get(&p32)
+                .copied()
+                .unwrap_or(0)
+                .max(log.start_offset());
+            let end = log.next_offset();
+            while at < end {
+                let records = log.read(at, 1024, 4 << 20)?;
+                let Some(last) = records.last().map(|r| r.offset) else {
+                    break;
+                };
+                for r in records {
+                    let m = StoredMessage::from_record(p32, r);
+                    match &m.idempotency_key {
+                        Some(k) => dedup.insert(
+                            k,
+                            DedupEntry {
+                                partition: p32,
+                                offset: m.offset,
+                                body_hash: m.body_hash,
+                                timestamp_ms: m.timestamp_ms,
+                            },
+                        )?,
+                        None => dedup.advance(p32, m.offset)?,
+                    }
+                    replayed += 1;
+                }
+                at = last + 1;
+            }
+        }
+        if replayed > 0 {
+            dedup.checkpoint()?;
+            tracing::info!(topic = %topic.name, records = replayed, keys = dedup.len(), "dedup index caught up with the log");
+        }
+        Ok(TopicRuntime {
+            name: topic.name.clone(),
+            topic: RwLock::new(topic),
+            dedup: Mutex::new(dedup),
+            key_stripes: (0..KEY_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            round_robin: AtomicU32::new(0),
+            inserts_since_checkpoint: AtomicU64::new(0),
+            new_data: Notify::new(),
+            counters: TopicCounters::default(),
+        })
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The topic's current configuration and logs.
+    pub fn topic(&self) -> Arc<Topic> {
+        match self.topic.read() {
+            Ok(t) => Arc::clone(&t),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// The partition log, if it exists.
+    pub fn partition(&self, p: u32) -> Option<Arc<Log>> {
+        self.topic().partitions.get(p as usize).cloned()
+    }
+
+    /// The partition log, or a clear error.
+    pub fn partition_log(&self, partition: u32) -> Result<Arc<Log>, BrokerError> {
+        self.partition(partition)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: self.name.clone(),
+                partition,
+            })
+    }
+
+    /// Reads one stored message.
+    pub fn read_one(
+        &self,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<StoredMessage>, BrokerError> {
+        let log = self.partition_log(partition)?;
+        let mut records = log.read(offset, 1, usize::MAX)?;
+        Ok(records
+            .pop()
+            .filter(|r| r.offset == offset)
+            .map(|r| StoredMessage::from_record(partition, r)))
+    }
+
+    /// The stored first copy for this idempotency key within the window, verified
+    /// against the log (so a fingerprint collision never counts as a duplicate).
+    pub fn find_by_idempotency_key(
+        &self,
+        key: &[u8],
+        now_ms: i64,
+    ) -> Result<Option<StoredMessage>, BrokerError> {
+        let candidates = self
+            .dedup
+            .lock()
+            .map_err(poisoned)?
+            .candidates_by_fingerprint(fingerprint(key), now_ms)?;
+        for c in candidates {
+            match self.read_one(c.partition, c.offset) {
+                Ok(Some(m)) if m.idempotency_key.as_deref() == Some(key) => return Ok(Some(m)),
+                Ok(_) | Err(BrokerError::Log(LogError::OffsetOutOfRange { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    fn durability(&self, policy: FsyncPolicy) -> Durability {
+        match policy {
+            FsyncPolicy::Always => Durability::Fsynced,
+            FsyncPolicy::Interval(_) => Durability::Buffered,
+        }
+    }
+
+    fn checkpoint_if_due(&self) -> Result<(), BrokerError> {
+        if self.inserts_since_checkpoint.load(Ordering::Relaxed) >= CHECKPOINT_EVERY {
+            self.inserts_since_checkpoint.store(0, Ordering::Relaxed);
+            self.dedup.lock().map_err(poisoned)?.checkpoint()?;
+        }
+        Ok(())
+    }
+}
+
+/// The broker core: topics, exactly-once publish, reads.
+#[derive(Debug)]
+pub struct Broker {
+    store: Store,
+    config: BrokerConfig,
+    runtimes: RwLock<BTreeMap<String, Arc<TopicRuntime>>>,
+}
+
+impl Broker {
+    /// Opens the data directory: recovers every partition log and brings every topic's
+    /// deduplication index level with its log. Blocking: call it from a blocking thread.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        config: BrokerConfig,
+    ) -> Result<(Broker, StoreReport), BrokerError> {
+        let (store, report) = Store::open(dir, &config.log)?;
+        let mut runtimes = BTreeMap::new();
+        for topic in store.topics() {
+            let rt = TopicRuntime::open(
+                Arc::clone(&topic),
+                &store.topic_dir(&topic.name),
+                config.dedup_memory_budget_bytes,
+            )?;
+            runtimes.insert(topic.name.clone(), Arc::new(rt));
+        }
+        Ok((
+            Broker {
+                store,
+                config,
+                runtimes: RwLock::new(runtimes),
+            },
+            report,
+        ))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> PathBuf {
+        self.store.dir().to_path_buf()
+    }
+
+    /// Creates a topic or updates its configuration. Returns whether it was created.
+    pub fn put_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Result<(Arc<TopicRuntime>, bool), BrokerError> {
+        let mut runtimes = self.runtimes.write().map_err(poisoned)?;
+        let (topic, created) = self.store.put_topic(name, config)?;
+        if let Some(rt) = runtimes.get(name) {
+            // Same index and counters; new configuration and partitions.
+            *rt.topic.write().map_err(poisoned)? = topic;
+            return Ok((Arc::clone(rt), created));
+        }
+        let rt = Arc::new(TopicRuntime::open(
+            topic,
+            &self.store.topic_dir(name),
+            self.config.dedup_memory_budget_bytes,
+        )?);
+        runtimes.insert(name.to_owned(), Arc::clone(&rt));
+        Ok((rt, created))
+    }
+
+    /// The topic at run time.
+    pub fn topic(&self, name: &str) -> Result<Arc<TopicRuntime>, BrokerError> {
+        self.runtimes
+            .read()
+            .map_err(poisoned)?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
+    }
+
+    /// All topics.
+    pub fn topics(&self) -> Vec<Arc<TopicRuntime>> {
+        self.runtimes
+            .read()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Deletes a topic with all its messages.
+    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        let mut runtimes = self.runtimes.write().map_err(poisoned)?;
+        runtimes.remove(name);
+        self.store.delete_topic(name)?;
+        Ok(())
+    }
+
+    /// Publishes a batch atomically: all stored or none. Messages whose idempotency key
+    /// was already stored within the window are not stored again; their outcome points
+    /// at the first copy and says `duplicate` (and `conflict` if the body differs).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<PublishMessage>,
+    ) -> Result<Vec<PublishOutcome>, BrokerError> {
+        let rt = self.topic(topic)?;
+        if messages.is_empty() {
+            return Err(BrokerError::EmptyBatch);
+        }
+        let partitions = rt.topic().config.partitions;
+        // Unkeyed messages of one batch share a partition, so a batch stays atomic.
+        let unkeyed = rt.round_robin.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
+        let targets: Vec<u32> = messages
+            .iter()
+            .map(|m| {
+                m.partition_key
+                    .as_deref()
+                    .map_or(unkeyed, |k| partition_for_key(k, partitions))
+            })
+            .collect();
+        let mut distinct = targets.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let [partition] = distinct[..] else {
+            return Err(BrokerError::BatchSpansPartitions(distinct.len()));
+        };
+        let log = rt.partition_log(partition)?;
+
+        // Serialise publishes of the same keys (stripes locked in order: no deadlock).
+        let mut stripes: Vec<usize> = messages
+            .iter()
+            .filter_map(|m| m.idempotency_key.as_deref())
+            .map(|k| usize::try_from(fingerprint(k) % KEY_STRIPES as u64).unwrap_or(0))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            if let Some(m) = rt.key_stripes.get(s) {
+                guards.push(m.lock().await);
+            }
+        }
+
+        let now = carebus_log::now_ms();
+        let durability = rt.durability(self.config.log.fsync);
+        let mut outcomes: Vec<Option<PublishOutcome>> = vec![None; messages.len()];
+        let mut to_store: Vec<usize> = Vec::new();
+        // Within the batch: a later message repeating an earlier key is a duplicate of it.
+        let mut first_in_batch: HashMap<Bytes, usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let Some(key) = &m.idempotency_key else {
+                to_store.push(i);
+                continue;
+            };
+            if let Some(&j) = first_in_batch.get(key) {
+                repeats.push((i, j));
+                continue;
+            }
+            if let Some(first) = rt.find_by_idempotency_key(key, now)? {
+                let conflict = first.body_hash != m.body_hash();
+                outcomes[i] = Some(PublishOutcome {
+                    partition: first.partition,
+                    offset: first.offset,
+                    duplicate: true,
+                    conflict,
+                    durability,
+                });
+                continue;
+            }
+            first_in_batch.insert(key.clone(), i);
+            to_store.push(i);
+        }
+
+        if !to_store.is_empty() {
+            let records: Vec<_> = to_store
+                .iter()
+                .filter_map(|&i| messages.get(i))
+                .map(|m| m.to_record(now))
+                .collect();
+            let ack = log.append(&records).await?;
+            let mut dedup = rt.dedup.lock().map_err(poisoned)?;
+            for (n, &i) in to_store.iter().enumerate() {
+                let offset = ack.base_offset + n as u64;
+                outcomes[i] = Some(PublishOutcome {
+                    partition,
+                    offset,
+                    duplicate: false,
+                    conflict: false,
+                    durability: ack.durability,
+                });
+                if let Some(m) = messages.get(i) {
+                    match &m.idempotency_key {
+                        Some(k) => {
+                            dedup.insert(
+                                k,
+                                DedupEntry {
+                                    partition,
+                                    offset,
+                                    body_hash: m.body_hash(),
+                                    timestamp_ms: now,
+                                },
+                            )?;
+                            rt.inserts_since_checkpoint.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => dedup.advance(partition, offset)?,
+                    }
+                }
+            }
+            rt.counters
+                .published
+                .fetch_add(to_store.len() as u64, Ordering::Relaxed);
+        }
+        for (i, j) in repeats {
+            if let (Some(Some(first)), Some(mi), Some(mj)) =
+                (outcomes.get(j).copied(), messages.get(i), messages.get(j))
+            {
+                outcomes[i] = Some(PublishOutcome {
+                    duplicate: true,
+                    conflict: mi.body_hash() != mj.body_hash(),
+                    ..first
+                });
+            }
+        }
+        drop(guards);
+        let outcomes: Vec<PublishOutcome> = outcomes.into_iter().flatten().collect();
+        let dups = outcomes.iter().filter(|o| o.duplicate).count() as u64;
+        let conflicts = outcomes.iter().filter(|o| o.conflict).count() as u64;
+        rt.counters.duplicates.fetch_add(dups, Ordering::Relaxed);
+        rt.counters
+            .conflicts
+            .fetch_add(conflicts, Ordering::Relaxed);
+        if conflicts > 0 {
+            tracing::warn!(
+                topic,
+                conflicts,
+                "resend with a known idempotency key but a different body; first copy kept"
+            );
+        }
+        rt.new_data.notify_waiters();
+        rt.checkpoint_if_due()?;
+        Ok(outcomes)
+    }
+
+    /// Reads stored messages of a partition from `offset` on.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, BrokerError> {
+        let rt = self.topic(topic)?;
+        let log = rt.partition_log(partition)?;
+        Ok(log
+            .read(offset, max, 16 << 20)?
+            .into_iter()
+            .map(|r| StoredMessage::from_record(partition, r))
+            .collect())
+    }
+
+    /// Persists every topic's deduplication index (call at shutdown; bounds the replay
+    /// at the next start).
+    pub fn checkpoint(&self) -> Result<(), BrokerError> {
+        for rt in self.topics() {
+            rt.dedup.lock().map_err(poisoned)?.checkpoint()?;
+        }
+        Ok(())
+    }
+}

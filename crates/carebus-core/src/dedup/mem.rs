@@ -1,0 +1,317 @@
+//! The in-memory parts of the deduplication index: the insert buffer (a small
+//! open-addressing hash table) and sorted runs stored as columns (36 bytes per entry).
+
+use std::cmp::Ordering;
+
+use super::DedupError;
+
+/// One remembered key: its fingerprint and where its first copy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rec {
+    pub(crate) fp: u64,
+    pub(crate) partition: u32,
+    pub(crate) offset: u64,
+    pub(crate) body_hash: u64,
+    pub(crate) ts: i64,
+}
+
+impl Rec {
+    /// Runs are sorted by this; two records with equal keys are the same log record.
+    pub(crate) fn sort_key(&self) -> (u64, u32, u64) {
+        (self.fp, self.partition, self.offset)
+    }
+}
+
+const EMPTY: u32 = u32::MAX;
+
+/// Unsorted entries plus a linear-probing table of indices into them. Fixed capacity,
+/// allocated once; `is_full` tells the owner to turn it into a sorted run.
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    recs: Vec<Rec>,
+    table: Vec<u32>,
+    shift: u32,
+    cap: usize,
+}
+
+impl Buffer {
+    pub(crate) fn new(cap: usize) -> Self {
+        let cap = cap.clamp(1, 1 << 30);
+        let slots = (cap * 2).next_power_of_two();
+        Buffer {
+            recs: Vec::with_capacity(cap),
+            table: vec![EMPTY; slots],
+            shift: 64 - slots.trailing_zeros(),
+            cap,
+        }
+    }
+
+    fn slot(&self, fp: u64) -> usize {
+        // Fibonacci hashing spreads even non-random fingerprints (the tests' collisions).
+        (fp.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.recs.len() >= self.cap
+    }
+
+    /// Inserts unless the same log record (fingerprint, partition, offset) is already here.
+    /// Returns whether it was inserted.
+    pub(crate) fn insert(&mut self, rec: Rec) -> bool {
+        let mask = self.table.len() - 1;
+        let mut i = self.slot(rec.fp);
+        loop {
+            match self.table.get(i).copied() {
+                Some(EMPTY) | None => break,
+                Some(idx) => {
+                    if self
+                        .recs
+                        .get(idx as usize)
+                        .is_some_and(|r| r.sort_key() == rec.sort_key())
+                    {
+                        return false;
+                    }
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        if let Some(slot) = self.table.get_mut(i) {
+            *slot = self.recs.len() as u32;
+            self.recs.push(rec);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn lookup(&self, fp: u64, out: &mut Vec<Rec>) {
+        let mask = self.table.len() - 1;
+        let mut i = self.slot(fp);
+        while let Some(&idx) = self.table.get(i) {
+            if idx == EMPTY {
+                break;
+            }
+            if let Some(r) = self.recs.get(idx as usize).filter(|r| r.fp == fp) {
+                out.push(*r);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Moves the entries out as a sorted run and empties the buffer (keeping its memory).
+    pub(crate) fn drain_sorted(&mut self) -> Columns {
+        self.recs.sort_unstable_by_key(Rec::sort_key);
+        let mut cols = Columns::with_capacity(self.recs.len());
+        for r in &self.recs {
+            cols.push(r);
+        }
+        self.recs.clear();
+        self.table.fill(EMPTY);
+        cols
+    }
+
+    /// Drops entries with `ts < cutoff`; returns how many.
+    pub(crate) fn expire(&mut self, cutoff: i64) -> usize {
+        let before = self.recs.len();
+        let kept: Vec<Rec> = self
+            .recs
+            .iter()
+            .filter(|r| r.ts >= cutoff)
+            .copied()
+            .collect();
+        if kept.len() == before {
+            return 0;
+        }
+        self.recs.clear();
+        self.table.fill(EMPTY);
+        for r in kept {
+            self.insert(r);
+        }
+        before - self.recs.len()
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.recs.capacity() * size_of::<Rec>() + self.table.capacity() * size_of::<u32>()
+    }
+}
+
+/// A sorted run in memory, one vector per field (no padding: 36 bytes per entry).
+#[derive(Debug, Default)]
+pub(crate) struct Columns {
+    fps: Vec<u64>,
+    partitions: Vec<u32>,
+    offsets: Vec<u64>,
+    body_hashes: Vec<u64>,
+    timestamps: Vec<i64>,
+}
+
+impl Columns {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Columns {
+            fps: Vec::with_capacity(n),
+            partitions: Vec::with_capacity(n),
+            offsets: Vec::with_capacity(n),
+            body_hashes: Vec::with_capacity(n),
+            timestamps: Vec::with_capacity(n),
+        }
+    }
+
+    pub(crate) fn push(&mut self, r: &Rec) {
+        self.fps.push(r.fp);
+        self.partitions.push(r.partition);
+        self.offsets.push(r.offset);
+        self.body_hashes.push(r.body_hash);
+        self.timestamps.push(r.ts);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.fps.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.fps.is_empty()
+    }
+
+    fn get(&self, i: usize) -> Option<Rec> {
+        Some(Rec {
+            fp: *self.fps.get(i)?,
+            partition: *self.partitions.get(i)?,
+            offset: *self.offsets.get(i)?,
+            body_hash: *self.body_hashes.get(i)?,
+            ts: *self.timestamps.get(i)?,
+        })
+    }
+
+    pub(crate) fn lookup(&self, fp: u64, out: &mut Vec<Rec>) {
+        let mut i = self.fps.partition_point(|f| *f < fp);
+        while let Some(r) = self.get(i).filter(|r| r.fp == fp) {
+            out.push(r);
+            i += 1;
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Rec> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    pub(crate) fn min_ts(&self) -> Option<i64> {
+        self.timestamps.iter().copied().min()
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.fps.capacity() * 8
+            + self.partitions.capacity() * 4
+            + self.offsets.capacity() * 8
+            + self.body_hashes.capacity() * 8
+            + self.timestamps.capacity() * 8
+    }
+}
+
+/// Merges two sorted record streams, dropping exact duplicates (the same log record twice,
+/// e.g. from a replay) and records with `ts < cutoff`, and hands the result to `sink`.
+pub(crate) fn merge<A, B>(
+    a: A,
+    b: B,
+    cutoff: i64,
+    mut sink: impl FnMut(&Rec) -> Result<(), DedupError>,
+) -> Result<(), DedupError>
+where
+    A: Iterator<Item = Result<Rec, DedupError>>,
+    B: Iterator<Item = Result<Rec, DedupError>>,
+{
+    let mut a = a.peekable();
+    let mut b = b.peekable();
+    let mut last: Option<(u64, u32, u64)> = None;
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(Err(_)), _) | (Some(_), None) => a.next(),
+            (_, Some(Err(_))) | (None, Some(_)) => b.next(),
+            (Some(Ok(x)), Some(Ok(y))) => match x.sort_key().cmp(&y.sort_key()) {
+                Ordering::Greater => b.next(),
+                _ => a.next(),
+            },
+        };
+        let Some(rec) = next.transpose()? else { break };
+        if rec.ts < cutoff || last == Some(rec.sort_key()) {
+            continue;
+        }
+        last = Some(rec.sort_key());
+        sink(&rec)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(fp: u64, offset: u64, ts: i64) -> Rec {
+        Rec {
+            fp,
+            partition: 0,
+            offset,
+            body_hash: 0,
+            ts,
+        }
+    }
+
+    #[test]
+    fn buffer_finds_colliding_fingerprints_and_skips_replayed_records() {
+        let mut b = Buffer::new(16);
+        assert!(b.insert(rec(5, 1, 0)));
+        assert!(b.insert(rec(5, 2, 0)));
+        assert!(!b.insert(rec(5, 1, 0)));
+        assert!(b.insert(rec(6, 3, 0)));
+        let mut out = Vec::new();
+        b.lookup(5, &mut out);
+        out.sort_by_key(Rec::sort_key);
+        assert_eq!(out, vec![rec(5, 1, 0), rec(5, 2, 0)]);
+        assert_eq!(b.len(), 3);
+        let cols = b.drain_sorted();
+        assert_eq!(b.len(), 0);
+        let mut out = Vec::new();
+        cols.lookup(5, &mut out);
+        assert_eq!(out.len(), 2);
+        out.clear();
+        b.lookup(5, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn buffer_expire_keeps_the_rest_findable() {
+        let mut b = Buffer::new(64);
+        for i in 0..50 {
+            b.insert(rec(i % 7, i, i as i64));
+        }
+        assert_eq!(b.expire(25), 25);
+        for i in 0..50u64 {
+            let mut out = Vec::new();
+            b.lookup(i % 7, &mut out);
+            assert_eq!(out.iter().any(|r| r.offset == i), i >= 25, "offset {i}");
+        }
+    }
+
+    #[test]
+    fn merge_orders_deduplicates_and_drops_expired() {
+        let a = [rec(1, 1, 10), rec(3, 3, 10), rec(4, 4, 1)];
+        let b = [rec(1, 1, 10), rec(2, 2, 10), rec(5, 5, 10)];
+        let mut out = Vec::new();
+        merge(
+            a.iter().copied().map(Ok),
+            b.iter().copied().map(Ok),
+            5,
+            |r| {
+                out.push(*r);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let offsets: Vec<u64> = out.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, vec![1, 2, 3, 5]);
+    }
+}

@@ -1,0 +1,751 @@
+//! The deduplication index of exactly-once publish.
+//!
+//! One `DedupIndex` per topic maps a stable 64-bit fingerprint of an idempotency key
+//! (`xxh3_64`, see [`fingerprint`]) to where the first copy was stored. It is a small
+//! log-structured merge tree:
+//!
+//! * an **insert buffer**: a fixed-capacity open-addressing hash table (≤ 65 536 entries,
+//!   fewer for small budgets);
+//! * **resident runs**: immutable sorted runs held in memory as columns, 36 bytes per
+//!   entry; when the buffer is full it is sorted into a run, and adjacent runs are merged
+//!   while the older is at most twice the newer (so there are O(log n) runs);
+//! * **disk runs**: immutable sorted run files read with positional reads; only their
+//!   fence pointers (first fingerprint per 4 KiB block) and a Bloom filter (10 bits per
+//!   entry) stay in memory. When [`DedupIndex::memory_bytes`] exceeds the budget, the
+//!   index checkpoints and then demotes resident runs (oldest first) to disk runs until it
+//!   is under half the budget. More than 8 disk runs are merged pairwise (the adjacent
+//!   pair with the fewest entries), streaming, dropping expired entries.
+//!
+//! Nothing is ever forgotten for lack of memory: past the budget, entries move to disk.
+//!
+//! # API
+//! ```text
+//! DedupIndex::open(dir, DedupConfig) -> (DedupIndex, BTreeMap<u32, u64> /* replay_from */)
+//! candidates(&self, key, now_ms) -> Vec<DedupEntry>            // within the window only
+//! candidates_by_fingerprint(&self, fp, now_ms) -> Vec<DedupEntry>
+//! insert(&mut self, key, DedupEntry)                            // after the durable append
+//! insert_by_fingerprint(&mut self, fp, DedupEntry)
+//! advance(&mut self, partition, offset)   // a record without key: no need to replay it
+//! checkpoint(&mut self)                   // persist; bounds the replay after a restart
+//! expire(&mut self, now_ms) -> usize      // drop entries older than the window
+//! len(), is_empty(), memory_bytes(), disk_runs()
+//! ```
+//! The `*_by_fingerprint` forms let the caller hash a key once for both calls (and let
+//! tests construct fingerprint collisions).
+//!
+//! Candidates are all entries with a matching fingerprint whose `timestamp_ms >= now_ms -
+//! window`, sorted by (partition, offset) without repeats. The caller confirms each by
+//! reading the record at (partition, offset) and comparing its stored idempotency key,
+//! so a fingerprint collision can never drop a message, and an entry whose record was
+//! lost from the log (or whose offset now holds another record) is never a false duplicate.
+//!
+//! # Durability
+//! Entries are inserted after their record is durable in the log, and a checkpoint
+//! persists every entry inserted so far together with, per partition, the offset after
+//! the highest one inserted (`replay_from`). `open` returns those offsets; the caller
+//! replays the log from there with `insert` (partitions absent from the map: from the
+//! log's start). Entries inserted after the last checkpoint are lost by a crash but are
+//! in the log and come back with the replay; inserting the same record twice is harmless
+//! (exact duplicates are skipped in the buffer, dropped by merges and by `candidates`).
+//! So the index is never ahead of or behind the log.
+//!
+//! After any error from a method taking `&mut self` the index is **poisoned**: every
+//! later call fails with [`DedupError::Poisoned`]; reopen it (and replay) to recover.
+//!
+//! # On-disk format (little-endian)
+//! ```text
+//! <dir>/MANIFEST            the checkpoint, replaced atomically
+//!                           (MANIFEST.tmp, fsync, rename, fsync dir)
+//!   "CBDM" | u16 version=1 | u16 0 | u32 n_partitions | u32 n_runs
+//!   | (u32 partition, u64 replay_from) × n_partitions   (ascending partitions)
+//!   | u64 run_id × n_runs                                (oldest first)
+//!   | u32 crc32c(all of the above)
+//! <dir>/run-<id:020>.cbr    an immutable sorted run, written then fsynced before the
+//!                           MANIFEST that lists it; unlisted runs and *.tmp are deleted
+//!                           on open; replaced runs are deleted after the new MANIFEST
+//!   header (32 B): "CBDR" | u16 version=1 | u16 0 | u64 run_id | u64 count
+//!                  | u32 block_records (113) | u32 crc32c(header so far)
+//!   blocks: ⌈count / block_records⌉ × (records | u32 crc32c(records)), 4072 B when full
+//!     record (36 B), sorted by (fp, partition, offset):
+//!       u64 fp | u32 partition | u64 offset | u64 body_hash | i64 timestamp_ms
+//!   footer: i64 min_ts | i64 max_ts | u64 n_blocks | u64 first_fp × n_blocks
+//!           | u32 bloom_probes | u64 bloom_words | u64 word × bloom_words
+//!   trailer (24 B): u64 footer_offset | u64 footer_len | u32 crc32c(footer) | "CBDE"
+//! ```
+//! `open` validates the manifest (CRC, structure), every listed run's header, sizes and
+//! footer (CRC), and loads the newest runs into memory (verifying every block's CRC) while
+//! they fit in half the budget. Data blocks of disk runs are CRC-checked on every read.
+//! Any mismatch is a [`DedupError::Corrupt`], never an empty answer: a lost dedup entry
+//! would mean a duplicated message (e.g. a medication order).
+//!
+//! Keys are never logged or stored (only fingerprints); logs carry counts, sizes and
+//! file names.
+
+mod format;
+mod mem;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use format::{DiskRun, Manifest, RunWriter, io_err};
+use mem::{Buffer, Columns, Rec, merge};
+
+/// Configuration of one topic's deduplication index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupConfig {
+    /// How long a key is remembered. Default 7 days (hospitals resend after long outages).
+    pub window: Duration,
+    /// Memory the index may use before it spills runs to disk. Default 64 MiB.
+    pub memory_budget_bytes: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            window: Duration::from_secs(7 * 24 * 3600),
+            memory_budget_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Where the first copy of a keyed message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DedupEntry {
+    pub partition: u32,
+    pub offset: u64,
+    /// Hash of the body, to answer `conflict` when a duplicate's body differs.
+    pub body_hash: u64,
+    pub timestamp_ms: i64,
+}
+
+/// Errors of the deduplication index. None of them carries a key.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("dedup index i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("dedup index file {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("dedup index in {dir} failed earlier and must be reopened")]
+    Poisoned { dir: PathBuf },
+}
+
+/// The stable 64-bit fingerprint of an idempotency key (`xxh3_64`, seed 0). Stored on
+/// disk, so it must never change.
+pub fn fingerprint(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// Merge pairs of disk runs while there are more than this.
+const MAX_DISK_RUNS: usize = 8;
+const MAX_BUFFER_ENTRIES: usize = 1 << 16;
+const MIN_BUFFER_ENTRIES: usize = 16;
+/// Buffer bytes per entry: a 40-byte record plus up to 4 table slots of 4 bytes.
+const BUFFER_BYTES_PER_ENTRY: usize = 56;
+/// Bytes per entry of a resident run.
+const COLUMN_BYTES_PER_ENTRY: u64 = 36;
+
+#[derive(Debug)]
+struct ResidentRun {
+    /// The run file holding the same entries, once persisted.
+    id: Option<u64>,
+    cols: Columns,
+}
+
+/// One topic's deduplication index. See the module documentation.
+pub struct DedupIndex {
+    dir: PathBuf,
+    budget: usize,
+    window_ms: i64,
+    buffer: Buffer,
+    /// Oldest first.
+    resident: Vec<ResidentRun>,
+    /// Oldest first; all older than the resident runs.
+    disk: Vec<DiskRun>,
+    /// Per partition (ascending), the offset after the highest one inserted or advanced to.
+    next: Vec<(u32, u64)>,
+    /// Run files to delete once a manifest without them is durable.
+    obsolete: Vec<u64>,
+    next_run_id: u64,
+    /// Entries older than this are dead (set by `expire`), so merges may drop them.
+    expired_cutoff: i64,
+    dirty: bool,
+    poisoned: bool,
+}
+
+impl fmt::Debug for DedupIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DedupIndex")
+            .field("dir", &self.dir)
+            .field("entries", &self.len())
+            .field("resident_runs", &self.resident.len())
+            .field("disk_runs", &self.disk.len())
+            .field("memory_bytes", &self.memory_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DedupIndex {
+    /// Opens (creating) the index in `dir`. Returns it and, per partition, the log offset
+    /// from which the caller must replay keyed records into it with [`insert`](Self::insert);
+    /// partitions not in the map must be replayed from the log's start.
+    pub fn open(
+        dir: &Path,
+        config: DedupConfig,
+    ) -> Result<(DedupIndex, BTreeMap<u32, u64>), DedupError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let manifest = Manifest::load(dir)?.unwrap_or_default();
+        let listed: BTreeSet<u64> = manifest.runs.iter().copied().collect();
+        let mut max_id = listed.last().copied().unwrap_or(0);
+        let mut removed = 0usize;
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let orphan = match format::parse_run_file_name(name) {
+                Some(id) => {
+                    max_id = max_id.max(id);
+                    !listed.contains(&id)
+                }
+                None => name.ends_with(".tmp"),
+            };
+            if orphan {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                removed += 1;
+            }
+        }
+        let mut disk = Vec::with_capacity(manifest.runs.len());
+        for id in &manifest.runs {
+            disk.push(DiskRun::open(dir, *id)?);
+        }
+        let budget = config.memory_budget_bytes;
+        let window_ms = i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX);
+        let buffer_entries =
+            (budget / 16 / BUFFER_BYTES_PER_ENTRY).clamp(MIN_BUFFER_ENTRIES, MAX_BUFFER_ENTRIES);
+        let mut index = DedupIndex {
+            dir: dir.to_path_buf(),
+            budget,
+            window_ms,
+            buffer: Buffer::new(buffer_entries),
+            resident: Vec::new(),
+            disk,
+            next: manifest.replay_from,
+            obsolete: Vec::new(),
+            next_run_id: max_id.saturating_add(1),
+            expired_cutoff: i64::MIN,
+            dirty: false,
+            poisoned: false,
+        };
+        // Load the newest runs into memory while they fit in half the budget.
+        let mut promote = 0usize;
+        let mut projected = index.memory_bytes() as u64;
+        for run in index.disk.iter().rev() {
+            projected = projected.saturating_add(run.count.saturating_mul(COLUMN_BYTES_PER_ENTRY));
+            if projected > (budget / 2) as u64 {
+                break;
+            }
+            promote += 1;
+        }
+        let keep = index.disk.len() - promote;
+        for run in index.disk.split_off(keep) {
+            let mut cols = Columns::with_capacity(usize::try_from(run.count).unwrap_or(0));
+            for rec in run.cursor() {
+                cols.push(&rec?);
+            }
+            index.resident.push(ResidentRun {
+                id: Some(run.id),
+                cols,
+            });
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            entries = index.len(),
+            resident_runs = index.resident.len(),
+            disk_runs = index.disk.len(),
+            orphans_removed = removed,
+            memory_bytes = index.memory_bytes(),
+            "dedup index opened"
+        );
+        let replay_from = index.next.iter().copied().collect();
+        Ok((index, replay_from))
+    }
+
+    /// Candidates whose fingerprint matches `key`, within the window (normally 0 or 1).
+    pub fn candidates(&self, key: &[u8], now_ms: i64) -> Result<Vec<DedupEntry>, DedupError> {
+        self.candidates_by_fingerprint(fingerprint(key), now_ms)
+    }
+
+    /// As [`candidates`](Self::candidates), for a precomputed [`fingerprint`].
+    pub fn candidates_by_fingerprint(
+        &self,
+        fp: u64,
+        now_ms: i64,
+    ) -> Result<Vec<DedupEntry>, DedupError> {
+        if self.poisoned {
+            return Err(self.poison_error());
+        }
+        let cutoff = now_ms.saturating_sub(self.window_ms);
+        let mut recs = Vec::new();
+        self.buffer.lookup(fp, &mut recs);
+        for run in &self.resident {
+            run.cols.lookup(fp, &mut recs);
+        }
+        for run in &self.disk {
+            run.lookup(fp, &mut recs)?;
+        }
+        recs.retain(|r| r.ts >= cutoff);
+        recs.sort_unstable_by_key(|r| (r.partition, r.offset));
+        recs.dedup_by_key(|r| (r.partition, r.offset));
+        Ok(recs
+            .into_iter()
+            .map(|r| DedupEntry {
+                partition: r.partition,
+                offset: r.offset,
+                body_hash: r.body_hash,
+                timestamp_ms: r.ts,
+            })
+            .collect())
+    }
+
+    /// Records a key after its message was durably appended (in log order per partition).
+    pub fn insert(&mut self, key: &[u8], entry: DedupEntry) -> Result<(), DedupError> {
+        self.insert_by_fingerprint(fingerprint(key), entry)
+    }
+
+    /// As [`insert`](Self::insert), for a precomputed [`fingerprint`].
+    pub fn insert_by_fingerprint(&mut self, fp: u64, entry: DedupEntry) -> Result<(), DedupError> {
+        self.guarded(|s| {
+            s.note_offset(entry.partition, entry.offset);
+            s.buffer.insert(Rec {
+                fp,
+                partition: entry.partition,
+                offset: entry.offset,
+                body_hash: entry.body_hash,
+                ts: entry.timestamp_ms,
+            });
+            if s.buffer.is_full() {
+                s.flush_buffer()?;
+                s.maybe_spill()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Notes that every record of `partition` up to `offset` has been inserted if it had
+    /// a key (call it for records without one), so a restart need not replay them.
+    pub fn advance(&mut self, partition: u32, offset: u64) -> Result<(), DedupError> {
+        self.guarded(|s| {
+            s.note_offset(partition, offset);
+            Ok(())
+        })
+    }
+
+    /// Persists everything inserted so far (crash-safe), so that a restart only replays
+    /// the log from the returned positions on. Does nothing when nothing changed.
+    pub fn checkpoint(&mut self) -> Result<(), DedupError> {
+        self.guarded(|s| {
+            if !s.dirty && s.obsolete.is_empty() {
+                return Ok(());
+            }
+            s.flush_buffer()?;
+            s.maybe_spill()?;
+            if s.dirty || !s.obsolete.is_empty() {
+                s.write_checkpoint()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Drops entries with `timestamp_ms < now_ms - window` from memory, and from disk
+    /// (deleting wholly expired run files, rewriting mostly expired ones). Returns how
+    /// many entries were dropped.
+    pub fn expire(&mut self, now_ms: i64) -> Result<usize, DedupError> {
+        self.guarded(|s| s.expire_inner(now_ms))
+    }
+
+    /// Entries held (memory and disk). Expired entries of disk runs not yet rewritten and
+    /// replayed copies not yet merged away are included.
+    pub fn len(&self) -> usize {
+        let disk: u64 = self.disk.iter().map(|r| r.count).sum();
+        self.buffer.len()
+            + self.resident.iter().map(|r| r.cols.len()).sum::<usize>()
+            + usize::try_from(disk).unwrap_or(usize::MAX)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap and struct bytes held, summed from the allocated capacities of every buffer
+    /// (not from the number of entries).
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.dir.as_os_str().len()
+            + self.buffer.memory_bytes()
+            + self.resident.capacity() * size_of::<ResidentRun>()
+            + self
+                .resident
+                .iter()
+                .map(|r| r.cols.memory_bytes())
+                .sum::<usize>()
+            + self.disk.capacity() * size_of::<DiskRun>()
+            + self.disk.iter().map(DiskRun::memory_bytes).sum::<usize>()
+            + self.next.capacity() * size_of::<(u32, u64)>()
+            + self.obsolete.capacity() * size_of::<u64>()
+    }
+
+    /// Number of runs currently on disk only (spilled).
+    pub fn disk_runs(&self) -> usize {
+        self.disk.len()
+    }
+
+    fn poison_error(&self) -> DedupError {
+        DedupError::Poisoned {
+            dir: self.dir.clone(),
+        }
+    }
+
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DedupError>,
+    ) -> Result<T, DedupError> {
+        if self.poisoned {
+            return Err(self.poison_error());
+        }
+        let result = f(self);
+        if let Err(e) = &result {
+            tracing::error!(dir = %self.dir.display(), error = %e, "dedup index failed; poisoned until reopened");
+            self.poisoned = true;
+        }
+        result
+    }
+
+    fn note_offset(&mut self, partition: u32, offset: u64) {
+        let next = offset.saturating_add(1);
+        match self.next.binary_search_by_key(&partition, |(p, _)| *p) {
+            Ok(i) => {
+                if let Some((_, n)) = self.next.get_mut(i) {
+                    *n = (*n).max(next);
+                }
+            }
+            Err(i) => self.next.insert(i, (partition, next)),
+        }
+        self.dirty = true;
+    }
+
+    fn take_run_id(&mut self) -> u64 {
+        let id = self.next_run_id;
+        self.next_run_id += 1;
+        id
+    }
+
+    /// Turns the buffer into a resident run and merges adjacent resident runs while the
+    /// older is at most twice the size of the newer.
+    fn flush_buffer(&mut self) -> Result<(), DedupError> {
+        if self.buffer.len() == 0 {
+            return Ok(());
+        }
+        let cols = self.buffer.drain_sorted();
+        self.resident.push(ResidentRun { id: None, cols });
+        while let [.., older, newer] = self.resident.as_slice() {
+            if older.cols.len() > 2 * newer.cols.len() {
+                break;
+            }
+            let mut cols = Columns::with_capacity(older.cols.len() + newer.cols.len());
+            merge(
+                older.cols.iter().map(Ok),
+                newer.cols.iter().map(Ok),
+                self.expired_cutoff,
+                |r| {
+                    cols.push(r);
+                    Ok(())
+                },
+            )?;
+            for run in self.resident.drain(self.resident.len() - 2..) {
+                self.obsolete.extend(run.id);
+            }
+            if !cols.is_empty() {
+                self.resident.push(ResidentRun { id: None, cols });
+            }
+        }
+        Ok(())
+    }
+
+    /// Past the budget: checkpoint, then move resident runs (oldest first) to disk until
+    /// under half the budget; then merge disk runs if there are too many.
+    fn maybe_spill(&mut self) -> Result<(), DedupError> {
+        if self.memory_bytes() <= self.budget {
+            return Ok(());
+        }
+        self.write_checkpoint()?;
+        let mut demoted = 0usize;
+        while self.memory_bytes() > self.budget / 2 {
+            let Some(id) = self.resident.first().and_then(|r| r.id) else {
+                break;
+            };
+            let run = DiskRun::open(&self.dir, id)?;
+            self.resident.remove(0);
+            self.disk.push(run);
+            demoted += 1;
+        }
+        tracing::debug!(
+            dir = %self.dir.display(),
+            demoted_runs = demoted,
+            disk_runs = self.disk.len(),
+            memory_bytes = self.memory_bytes(),
+            budget = self.budget,
+            "dedup index spilled to disk"
+        );
+        self.compact_disk()
+    }
+
+    fn compact_disk(&mut self) -> Result<(), DedupError> {
+        let mut changed = false;
+        while self.disk.len() > MAX_DISK_RUNS {
+            let Some(i) = (0..self.disk.len() - 1).min_by_key(|&i| {
+                self.disk
+                    .get(i..=i + 1)
+                    .map_or(u64::MAX, |p| p.iter().map(|r| r.count).sum())
+            }) else {
+                break;
+            };
+            let id = self.take_run_id();
+            let (Some(a), Some(b)) = (self.disk.get(i), self.disk.get(i + 1)) else {
+                break;
+            };
+            let mut w = RunWriter::create(&self.dir, id, a.count + b.count)?;
+            merge(a.cursor(), b.cursor(), self.expired_cutoff, |r| w.push(r))?;
+            let merged = match w.finish()? {
+                Some(_) => Some(DiskRun::open(&self.dir, id)?),
+                None => None,
+            };
+            tracing::debug!(
+                dir = %self.dir.display(),
+                inputs = %format!("{}, {}", a.path().display(), b.path().display()),
+                entries = merged.as_ref().map_or(0, |r| r.count),
+                "dedup index merged disk runs"
+            );
+            let old: Vec<DiskRun> = self.disk.splice(i..=i + 1, merged).collect();
+            self.obsolete.extend(old.iter().map(|r| r.id));
+            changed = true;
+        }
+        if changed {
+            self.write_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes unpersisted resident runs, then the manifest, then deletes replaced runs.
+    fn write_checkpoint(&mut self) -> Result<(), DedupError> {
+        self.flush_buffer()?;
+        let mut written = 0usize;
+        for i in 0..self.resident.len() {
+            if self.resident.get(i).is_none_or(|r| r.id.is_some()) {
+                continue;
+            }
+            let id = self.take_run_id();
+            let Some(run) = self.resident.get_mut(i) else {
+                continue;
+            };
+            let mut w = RunWriter::create(&self.dir, id, run.cols.len() as u64)?;
+            for rec in run.cols.iter() {
+                w.push(&rec)?;
+            }
+            w.finish()?;
+            run.id = Some(id);
+            written += 1;
+        }
+        let manifest = Manifest {
+            replay_from: self.next.clone(),
+            runs: self
+                .disk
+                .iter()
+                .map(|r| r.id)
+                .chain(self.resident.iter().filter_map(|r| r.id))
+                .collect(),
+        };
+        manifest.store(&self.dir)?;
+        let deleted = self.obsolete.len();
+        for id in std::mem::take(&mut self.obsolete) {
+            let path = self.dir.join(format::run_file_name(id));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        self.dirty = false;
+        tracing::debug!(
+            dir = %self.dir.display(),
+            runs = manifest.runs.len(),
+            runs_written = written,
+            runs_deleted = deleted,
+            entries = self.len(),
+            "dedup index checkpointed"
+        );
+        Ok(())
+    }
+
+    fn expire_inner(&mut self, now_ms: i64) -> Result<usize, DedupError> {
+        let cutoff = now_ms.saturating_sub(self.window_ms);
+        self.expired_cutoff = self.expired_cutoff.max(cutoff);
+        let mut dropped = self.buffer.expire(cutoff);
+        let mut kept_resident = Vec::with_capacity(self.resident.len());
+        for run in std::mem::take(&mut self.resident) {
+            if run.cols.min_ts().is_none_or(|t| t >= cutoff) {
+                kept_resident.push(run);
+                continue;
+            }
+            let live = run.cols.iter().filter(|r| r.ts >= cutoff).count();
+            let mut cols = Columns::with_capacity(live);
+            for rec in run.cols.iter().filter(|r| r.ts >= cutoff) {
+                cols.push(&rec);
+            }
+            dropped += run.cols.len() - cols.len();
+            self.obsolete.extend(run.id);
+            if !cols.is_empty() {
+                kept_resident.push(ResidentRun { id: None, cols });
+            }
+        }
+        self.resident = kept_resident;
+        let mut disk_changed = false;
+        let mut i = 0;
+        while let Some(run) = self.disk.get(i) {
+            if run.max_ts < cutoff {
+                dropped += usize::try_from(run.count).unwrap_or(usize::MAX);
+                self.obsolete.push(run.id);
+                self.disk.remove(i);
+                disk_changed = true;
+                continue;
+            }
+            // Rewrite when about half of the run is expired (assuming evenly spread times).
+            let span = (run.max_ts as i128 - run.min_ts as i128).max(1);
+            let expired_span = cutoff as i128 - run.min_ts as i128;
+            if expired_span * 2 >= span {
+                let id = self.take_run_id();
+                let Some(run) = self.disk.get(i) else { break };
+                let mut w = RunWriter::create(&self.dir, id, run.count)?;
+                merge(run.cursor(), std::iter::empty(), cutoff, |r| w.push(r))?;
+                let kept = w.finish()?;
+                let new_count = kept.map_or(0, |(_, n)| n);
+                dropped += usize::try_from(run.count.saturating_sub(new_count)).unwrap_or(0);
+                self.obsolete.push(run.id);
+                disk_changed = true;
+                match kept {
+                    Some(_) => {
+                        let new_run = DiskRun::open(&self.dir, id)?;
+                        if let Some(slot) = self.disk.get_mut(i) {
+                            *slot = new_run;
+                        }
+                    }
+                    None => {
+                        self.disk.remove(i);
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if dropped > 0 || disk_changed {
+            self.dirty = true;
+            tracing::debug!(dir = %self.dir.display(), dropped, "dedup index expired entries");
+        }
+        if disk_changed {
+            self.write_checkpoint()?;
+        }
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(partition: u32, offset: u64, ts: i64) -> DedupEntry {
+        DedupEntry {
+            partition,
+            offset,
+            body_hash: offset * 31,
+            timestamp_ms: ts,
+        }
+    }
+
+    fn config(budget: usize) -> DedupConfig {
+        DedupConfig {
+            window: Duration::from_secs(3600),
+            memory_budget_bytes: budget,
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_stable_xxh3() {
+        // Stored on disk: a change of hash function would silently forget every key.
+        assert_eq!(fingerprint(b""), 0x2D06_8005_38D3_94C2);
+        assert_eq!(
+            fingerprint(b"EPICADT|NORTHGATE|NG-ADT-000101"),
+            xxhash_rust::xxh3::xxh3_64(b"EPICADT|NORTHGATE|NG-ADT-000101")
+        );
+    }
+
+    #[test]
+    fn resident_runs_stay_logarithmic_and_findable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 30)).unwrap();
+        let n = 20 * MAX_BUFFER_ENTRIES as u64 + 5;
+        for i in 0..n {
+            idx.insert(&i.to_le_bytes(), entry(0, i, 10)).unwrap();
+        }
+        assert_eq!(idx.len() as u64, n);
+        assert!(idx.resident.len() <= 6, "{} runs", idx.resident.len());
+        for i in (0..n).step_by(9973) {
+            assert_eq!(
+                idx.candidates(&i.to_le_bytes(), 10).unwrap(),
+                vec![entry(0, i, 10)]
+            );
+        }
+    }
+
+    #[test]
+    fn spill_moves_runs_to_disk_and_respects_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 256 << 10;
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(budget)).unwrap();
+        for i in 0..100_000u64 {
+            idx.insert(&i.to_le_bytes(), entry(1, i, 10)).unwrap();
+        }
+        assert!(idx.disk_runs() >= 1);
+        assert!(idx.disk_runs() <= MAX_DISK_RUNS);
+        assert!(idx.memory_bytes() <= budget, "{}", idx.memory_bytes());
+        for i in (0..100_000u64).step_by(777) {
+            assert_eq!(
+                idx.candidates(&i.to_le_bytes(), 10).unwrap(),
+                vec![entry(1, i, 10)]
+            );
+        }
+    }
+
+    #[test]
+    fn poisoned_index_refuses_further_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        idx.insert(b"k", entry(0, 0, 0)).unwrap();
+        fs::remove_dir_all(dir.path()).unwrap();
+        assert!(idx.checkpoint().is_err());
+        assert!(matches!(
+            idx.insert(b"k2", entry(0, 1, 0)),
+            Err(DedupError::Poisoned { .. })
+        ));
+        assert!(matches!(
+            idx.candidates(b"k", 0),
+            Err(DedupError::Poisoned { .. })
+        ));
+    }
+}

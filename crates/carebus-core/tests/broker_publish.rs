@@ -1,0 +1,282 @@
+//! Guards exactly-once publish in the broker core: duplicates by idempotency key are
+//! not stored again (also across a restart without a dedup checkpoint), conflicting
+//! resends are reported and keep the first copy, one partition key keeps one partition
+//! and its order, and batches are all-or-nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::Bytes;
+use carebus_core::{Broker, BrokerConfig, BrokerError, PublishMessage, TopicConfig};
+
+fn msg(body: &str, key: Option<&str>, pk: Option<&str>) -> PublishMessage {
+    let mut m = PublishMessage::new(Bytes::copy_from_slice(body.as_bytes()));
+    m.idempotency_key = key.map(|k| Bytes::copy_from_slice(k.as_bytes()));
+    m.partition_key = pk.map(|k| Bytes::copy_from_slice(k.as_bytes()));
+    m
+}
+
+fn open(dir: &std::path::Path) -> Broker {
+    Broker::open(dir, BrokerConfig::default()).unwrap().0
+}
+
+#[tokio::test]
+async fn a_duplicate_is_not_stored_again_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker.put_topic("hl7.adt", TopicConfig::default()).unwrap();
+    let first = broker
+        .publish(
+            "hl7.adt",
+            vec![msg(
+                "A01 admit",
+                Some("EPICADT|NORTHGATE|NG-ADT-000101"),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(!first[0].duplicate);
+    assert_eq!(first[0].offset, 0);
+    // Same control id, other facility: a different key, stored.
+    let other = broker
+        .publish(
+            "hl7.adt",
+            vec![msg(
+                "A01 other",
+                Some("EPICADT|SOUTHSIDE|NG-ADT-000101"),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(!other[0].duplicate);
+    assert_eq!(other[0].offset, 1);
+    let again = broker
+        .publish(
+            "hl7.adt",
+            vec![msg(
+                "A01 admit",
+                Some("EPICADT|NORTHGATE|NG-ADT-000101"),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(again[0].duplicate);
+    assert!(!again[0].conflict);
+    assert_eq!((again[0].partition, again[0].offset), (0, 0));
+    // No checkpoint: dropping the broker is a crash for the dedup index; the log replays it.
+    drop(broker);
+    let broker = open(dir.path());
+    let after = broker
+        .publish(
+            "hl7.adt",
+            vec![msg(
+                "A01 admit",
+                Some("EPICADT|NORTHGATE|NG-ADT-000101"),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(after[0].duplicate);
+    assert_eq!(after[0].offset, 0);
+    let stored = broker.read("hl7.adt", 0, 0, 100).unwrap();
+    assert_eq!(stored.len(), 2, "each message stored exactly once");
+    // And after a checkpoint too.
+    broker.checkpoint().unwrap();
+    drop(broker);
+    let broker = open(dir.path());
+    let after = broker
+        .publish(
+            "hl7.adt",
+            vec![msg(
+                "A01 admit",
+                Some("EPICADT|NORTHGATE|NG-ADT-000101"),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(after[0].duplicate);
+    assert_eq!(broker.read("hl7.adt", 0, 0, 100).unwrap().len(), 2);
+    let rt = broker.topic("hl7.adt").unwrap();
+    assert_eq!(
+        rt.counters
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_conflicting_resend_keeps_the_first_copy_and_says_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker.put_topic("t", TopicConfig::default()).unwrap();
+    broker
+        .publish("t", vec![msg("original", Some("k1"), None)])
+        .await
+        .unwrap();
+    let r = broker
+        .publish("t", vec![msg("different body", Some("k1"), None)])
+        .await
+        .unwrap();
+    assert!(r[0].duplicate && r[0].conflict);
+    let stored = broker.read("t", 0, 0, 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(&stored[0].body[..], b"original");
+    let rt = broker.topic("t").unwrap();
+    assert_eq!(
+        rt.counters
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn one_partition_key_keeps_one_partition_and_its_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker
+        .put_topic(
+            "t",
+            TopicConfig {
+                partitions: 8,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..200 {
+        let patient = format!("MRN{}", i % 10);
+        let r = broker
+            .publish(
+                "t",
+                vec![msg(&format!("{patient}-{i}"), None, Some(&patient))],
+            )
+            .await
+            .unwrap();
+        let p = *seen.entry(patient.clone()).or_insert(r[0].partition);
+        assert_eq!(p, r[0].partition, "{patient} moved partition");
+    }
+    for (patient, p) in seen {
+        let bodies: Vec<String> = broker
+            .read("t", p, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.partition_key.as_deref() == Some(patient.as_bytes()))
+            .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+            .collect();
+        assert_eq!(bodies.len(), 20);
+        let seq: Vec<usize> = bodies
+            .iter()
+            .map(|b| b.rsplit('-').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(seq.windows(2).all(|w| w[0] < w[1]), "{patient}: {seq:?}");
+    }
+}
+
+#[tokio::test]
+async fn batches_are_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker
+        .put_topic(
+            "t",
+            TopicConfig {
+                partitions: 4,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    // Same partition key: one atomic log batch, with a repeated key inside it.
+    let r = broker
+        .publish(
+            "t",
+            vec![
+                msg("a", Some("k-a"), Some("P1")),
+                msg("b", Some("k-b"), Some("P1")),
+                msg("a2", Some("k-a"), Some("P1")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 3);
+    assert!(!r[0].duplicate && !r[1].duplicate);
+    assert!(r[2].duplicate && r[2].conflict);
+    assert_eq!(r[2].offset, r[0].offset);
+    assert_eq!(r[1].offset, r[0].offset + 1);
+    // Keys that map to different partitions: refused whole, nothing stored.
+    let keys: Vec<String> = (0..50).map(|i| format!("P{i}")).collect();
+    let batch: Vec<PublishMessage> = keys.iter().map(|k| msg("x", None, Some(k))).collect();
+    let before: usize = (0..4)
+        .map(|p| broker.read("t", p, 0, 1000).unwrap().len())
+        .sum();
+    let err = broker.publish("t", batch).await.unwrap_err();
+    assert_eq!(err.code(), "batch_spans_partitions");
+    let after: usize = (0..4)
+        .map(|p| broker.read("t", p, 0, 1000).unwrap().len())
+        .sum();
+    assert_eq!(before, after);
+    // Too large: refused whole.
+    let big = vec![
+        msg("ok", None, Some("P1")),
+        PublishMessage::new(vec![0u8; 17 << 20]).with_partition_key("P1"),
+    ];
+    let err = broker.publish("t", big).await.unwrap_err();
+    assert_eq!(err.code(), "message_too_large");
+    let after2: usize = (0..4)
+        .map(|p| broker.read("t", p, 0, 1000).unwrap().len())
+        .sum();
+    assert_eq!(after, after2);
+}
+
+#[tokio::test]
+async fn concurrent_publishes_of_one_key_store_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = std::sync::Arc::new(open(dir.path()));
+    broker.put_topic("t", TopicConfig::default()).unwrap();
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let b = std::sync::Arc::clone(&broker);
+            tokio::spawn(async move {
+                b.publish(
+                    "t",
+                    vec![msg("same", Some(&format!("key-{}", i % 4)), None)],
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        if !r[0].duplicate {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 4);
+    assert_eq!(broker.read("t", 0, 0, 100).unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn unknown_topics_and_partitions_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    let e = broker
+        .publish("nope", vec![msg("x", None, None)])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BrokerError::UnknownTopic(_)));
+    assert_eq!(e.code(), "unknown_topic");
+    broker.put_topic("t", TopicConfig::default()).unwrap();
+    assert_eq!(
+        broker.read("t", 5, 0, 1).unwrap_err().code(),
+        "unknown_partition"
+    );
+    assert_eq!(
+        broker.publish("t", vec![]).await.unwrap_err().code(),
+        "empty_batch"
+    );
+}
