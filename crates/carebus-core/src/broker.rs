@@ -12,7 +12,39 @@ use tokio::sync::Notify;
 use crate::dedup::{DedupConfig, DedupEntry, DedupError, DedupIndex, fingerprint};
 use crate::message::{PublishMessage, StoredMessage};
 use crate::store::{Store, StoreError, StoreReport, Topic};
+use crate::subscription::{
+    Compensation, DeadLetter, Delivery, SettleRefusal, Subscription, SubscriptionConfig,
+    SubscriptionError,
+};
 use crate::topic::{TopicConfig, partition_for_key};
+
+/// Directory of a topic's subscriptions.
+const SUBSCRIPTIONS_DIR: &str = "subscriptions";
+
+fn list_subdirs(dir: &Path) -> Result<Vec<PathBuf>, SubscriptionError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(SubscriptionError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| SubscriptionError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// Lock stripes per topic that serialise publishes of the same idempotency key.
 const KEY_STRIPES: usize = 1024;
@@ -41,6 +73,17 @@ pub enum BrokerError {
         topic: String,
         /// The partition asked for.
         partition: u32,
+    },
+    /// A subscription operation failed.
+    #[error(transparent)]
+    Subscription(#[from] SubscriptionError),
+    /// No such subscription.
+    #[error("topic {topic} has no subscription {subscription}")]
+    UnknownSubscription {
+        /// The topic.
+        topic: String,
+        /// The subscription asked for.
+        subscription: String,
     },
     /// An empty batch.
     #[error("a publish must carry at least one message")]
@@ -74,6 +117,8 @@ impl BrokerError {
             BrokerError::Log(LogError::OffsetOutOfRange { .. }) => "offset_out_of_range",
             BrokerError::Log(_) => "storage_error",
             BrokerError::Dedup(_) => "dedup_error",
+            BrokerError::Subscription(e) => e.code(),
+            BrokerError::UnknownSubscription { .. } => "unknown_subscription",
             BrokerError::UnknownPartition { .. } => "unknown_partition",
             BrokerError::EmptyBatch => "empty_batch",
             BrokerError::BatchSpansPartitions(_) => "batch_spans_partitions",
@@ -143,6 +188,7 @@ pub struct TopicRuntime {
     pub new_data: Notify,
     /// Publish counters.
     pub counters: TopicCounters,
+    subscriptions: RwLock<BTreeMap<String, Arc<Subscription>>>,
 }
 
 impl TopicRuntime {
@@ -206,7 +252,16 @@ impl TopicRuntime {
             inserts_since_checkpoint: AtomicU64::new(0),
             new_data: Notify::new(),
             counters: TopicCounters::default(),
+            subscriptions: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    /// Subscriptions hold their topic; dropping them here breaks that cycle so the
+    /// logs close.
+    fn close_subscriptions(&self) {
+        if let Ok(mut subs) = self.subscriptions.write() {
+            subs.clear();
+        }
     }
 
     /// The topic's name.
@@ -306,12 +361,30 @@ impl Broker {
         let (store, report) = Store::open(dir, &config.log)?;
         let mut runtimes = BTreeMap::new();
         for topic in store.topics() {
-            let rt = TopicRuntime::open(
+            let topic_dir = store.topic_dir(&topic.name);
+            let rt = Arc::new(TopicRuntime::open(
                 Arc::clone(&topic),
-                &store.topic_dir(&topic.name),
+                &topic_dir,
                 config.dedup_memory_budget_bytes,
-            )?;
-            runtimes.insert(topic.name.clone(), Arc::new(rt));
+            )?);
+            let mut subs = BTreeMap::new();
+            for dir in list_subdirs(&topic_dir.join(SUBSCRIPTIONS_DIR))? {
+                let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                    continue;
+                };
+                if name.starts_with('.') || !dir.join("subscription.json").exists() {
+                    // An unfinished creation or deletion.
+                    std::fs::remove_dir_all(&dir).map_err(|e| SubscriptionError::Io {
+                        path: dir.clone(),
+                        source: e,
+                    })?;
+                    continue;
+                }
+                let sub = Subscription::open(Arc::clone(&rt), &dir, &name)?;
+                subs.insert(name, Arc::new(sub));
+            }
+            *rt.subscriptions.write().map_err(poisoned)? = subs;
+            runtimes.insert(topic.name.clone(), rt);
         }
         Ok((
             Broker {
@@ -371,7 +444,9 @@ impl Broker {
     /// Deletes a topic with all its messages.
     pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let mut runtimes = self.runtimes.write().map_err(poisoned)?;
-        runtimes.remove(name);
+        if let Some(rt) = runtimes.remove(name) {
+            rt.close_subscriptions();
+        }
         self.store.delete_topic(name)?;
         Ok(())
     }
@@ -540,6 +615,187 @@ impl Broker {
             .collect())
     }
 
+    /// Creates a subscription or updates its settings (its position is kept). Blocking.
+    pub fn put_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+        config: SubscriptionConfig,
+    ) -> Result<(Arc<Subscription>, bool), BrokerError> {
+        crate::topic::validate_name(name).map_err(StoreError::from)?;
+        config.validate()?;
+        let rt = self.topic(topic)?;
+        let mut subs = rt.subscriptions.write().map_err(poisoned)?;
+        let dir = self
+            .store
+            .topic_dir(topic)
+            .join(SUBSCRIPTIONS_DIR)
+            .join(name);
+        if let Some(existing) = subs.get(name) {
+            // Persist the new settings, keep the open state.
+            Subscription::create(Arc::clone(&rt), &dir, name, config.clone())
+                .map(drop)
+                .ok();
+            existing.set_config(config);
+            return Ok((Arc::clone(existing), false));
+        }
+        let sub = Arc::new(Subscription::create(Arc::clone(&rt), &dir, name, config)?);
+        subs.insert(name.to_owned(), Arc::clone(&sub));
+        tracing::info!(topic, subscription = name, "subscription created");
+        Ok((sub, true))
+    }
+
+    /// The subscription.
+    pub fn subscription(&self, topic: &str, name: &str) -> Result<Arc<Subscription>, BrokerError> {
+        let rt = self.topic(topic)?;
+        let subs = rt.subscriptions.read().map_err(poisoned)?;
+        subs.get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownSubscription {
+                topic: topic.to_owned(),
+                subscription: name.to_owned(),
+            })
+    }
+
+    /// The subscriptions of a topic.
+    pub fn subscriptions(&self, topic: &str) -> Result<Vec<Arc<Subscription>>, BrokerError> {
+        let rt = self.topic(topic)?;
+        let subs = rt.subscriptions.read().map_err(poisoned)?;
+        Ok(subs.values().cloned().collect())
+    }
+
+    /// Deletes a subscription and its state.
+    pub fn delete_subscription(&self, topic: &str, name: &str) -> Result<(), BrokerError> {
+        let rt = self.topic(topic)?;
+        let mut subs = rt.subscriptions.write().map_err(poisoned)?;
+        if subs.remove(name).is_none() {
+            return Err(BrokerError::UnknownSubscription {
+                topic: topic.to_owned(),
+                subscription: name.to_owned(),
+            });
+        }
+        let base = self.store.topic_dir(topic).join(SUBSCRIPTIONS_DIR);
+        let from = base.join(name);
+        let to = base.join(format!(".deleted-{name}"));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e| BrokerError::Subscription(SubscriptionError::Io { path, source: e })
+        };
+        std::fs::rename(&from, &to).map_err(io(&from))?;
+        std::fs::remove_dir_all(&to).map_err(io(&to))?;
+        Ok(())
+    }
+
+    /// Waits up to `wait` for at most `max` deliveries for `consumer`.
+    pub async fn receive(
+        &self,
+        topic: &str,
+        subscription: &str,
+        consumer: &str,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let sub = self.subscription(topic, subscription)?;
+        let (deliveries, compensations) = sub.receive(consumer, max, wait).await?;
+        self.compensate(compensations).await;
+        Ok(deliveries)
+    }
+
+    /// Acknowledges deliveries; returns the ids refused and why.
+    pub async fn ack(
+        &self,
+        topic: &str,
+        subscription: &str,
+        ids: &[u64],
+    ) -> Result<Vec<(u64, SettleRefusal)>, BrokerError> {
+        Ok(self.subscription(topic, subscription)?.ack(ids).await?)
+    }
+
+    /// Negative acknowledgement; returns the ids refused and why.
+    pub async fn nack(
+        &self,
+        topic: &str,
+        subscription: &str,
+        ids: &[u64],
+        reason: &str,
+        delay_ms: Option<u64>,
+    ) -> Result<Vec<(u64, SettleRefusal)>, BrokerError> {
+        let (refused, compensations) = self
+            .subscription(topic, subscription)?
+            .nack(ids, reason, delay_ms)
+            .await?;
+        self.compensate(compensations).await;
+        Ok(refused)
+    }
+
+    /// Acknowledges every message of `partition` up to and including `offset`.
+    pub async fn ack_cumulative(
+        &self,
+        topic: &str,
+        subscription: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BrokerError> {
+        Ok(self
+            .subscription(topic, subscription)?
+            .ack_cumulative(partition, offset)
+            .await?)
+    }
+
+    /// The dead letters of a subscription.
+    pub fn dead_letters(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        Ok(self.subscription(topic, subscription)?.dead_letters())
+    }
+
+    /// Sends a dead letter back to its subscription.
+    pub async fn replay_dead_letter(
+        &self,
+        topic: &str,
+        subscription: &str,
+        id: u64,
+    ) -> Result<(), BrokerError> {
+        Ok(self
+            .subscription(topic, subscription)?
+            .replay_dead_letter(id)
+            .await?)
+    }
+
+    /// Discards a dead letter.
+    pub async fn discard_dead_letter(
+        &self,
+        topic: &str,
+        subscription: &str,
+        id: u64,
+    ) -> Result<(), BrokerError> {
+        Ok(self
+            .subscription(topic, subscription)?
+            .discard_dead_letter(id)
+            .await?)
+    }
+
+    /// Publishes failure records to compensation topics (created if missing). Each has
+    /// an idempotency key, so a retry after a crash never announces a failure twice.
+    async fn compensate(&self, compensations: Vec<Compensation>) {
+        for c in compensations {
+            if self.topic(&c.topic).is_err()
+                && let Err(e) = self.put_topic(&c.topic, TopicConfig::default())
+            {
+                tracing::error!(topic = %c.topic, error = %e, "cannot create the compensation topic");
+                continue;
+            }
+            let mut m = PublishMessage::new(serde_json::to_vec(&c.record).unwrap_or_default());
+            m.content_type = Some("application/json".into());
+            m.idempotency_key = Some(Bytes::from(c.idempotency_key));
+            if let Err(e) = self.publish(&c.topic, vec![m]).await {
+                tracing::error!(topic = %c.topic, error = %e, "cannot publish a compensation record");
+            }
+        }
+    }
+
     /// Persists every topic's deduplication index (call at shutdown; bounds the replay
     /// at the next start).
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
@@ -547,5 +803,15 @@ impl Broker {
             rt.dedup.lock().map_err(poisoned)?.checkpoint()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(runtimes) = self.runtimes.read() {
+            for rt in runtimes.values() {
+                rt.close_subscriptions();
+            }
+        }
     }
 }

@@ -9,9 +9,14 @@ mod broker;
 pub mod dedup;
 mod message;
 mod store;
+mod subscription;
 pub mod topic;
 
 pub use broker::{Broker, BrokerConfig, BrokerError, PublishOutcome, TopicCounters, TopicRuntime};
 pub use message::{PublishMessage, StoredMessage, body_hash};
 pub use store::{Store, StoreError, StoreReport, Topic};
+pub use subscription::{
+    Backoff, DeadLetter, Delivery, Dispatch, SettleRefusal, StartPosition, Subscription,
+    SubscriptionConfig, SubscriptionError, SubscriptionStats,
+};
 pub use topic::{TopicConfig, partition_for_key, validate_name};

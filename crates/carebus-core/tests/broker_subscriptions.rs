@@ -1,0 +1,581 @@
+//! Guards deliveries: publish/subscribe and competing consumers, acks, nacks with
+//! backoff, lease expiry, fencing of stale delivery ids, dead letters with replay,
+//! discard and compensation records, cumulative acks, per-key order under competing
+//! consumers with random failures, the three dispatch strategies, and durability of
+//! acks across a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use carebus_core::{
+    Backoff, Broker, BrokerConfig, Dispatch, PublishMessage, SettleRefusal, StartPosition,
+    SubscriptionConfig, TopicConfig,
+};
+
+fn open(dir: &std::path::Path) -> Broker {
+    Broker::open(dir, BrokerConfig::default()).unwrap().0
+}
+
+fn fast(dispatch: Dispatch) -> SubscriptionConfig {
+    SubscriptionConfig {
+        dispatch,
+        ack_deadline_ms: 300,
+        max_attempts: 3,
+        backoff: Backoff {
+            initial_ms: 10,
+            max_ms: 50,
+            multiplier: 2.0,
+            jitter: 0.0,
+        },
+        ..SubscriptionConfig::default()
+    }
+}
+
+async fn publish(b: &Broker, topic: &str, body: &str, pk: Option<&str>) -> u64 {
+    let mut m = PublishMessage::new(Bytes::copy_from_slice(body.as_bytes()));
+    m.partition_key = pk.map(|k| Bytes::copy_from_slice(k.as_bytes()));
+    b.publish(topic, vec![m]).await.unwrap()[0].offset
+}
+
+const W: Duration = Duration::from_millis(500);
+
+#[tokio::test]
+async fn every_subscription_gets_every_message_and_consumers_of_one_compete() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("lab", TopicConfig::default()).unwrap();
+    b.put_subscription("lab", "inbox", fast(Dispatch::RoundRobin))
+        .unwrap();
+    b.put_subscription("lab", "warehouse", fast(Dispatch::RoundRobin))
+        .unwrap();
+    for i in 0..10 {
+        publish(&b, "lab", &format!("result {i}"), None).await;
+    }
+    for sub in ["inbox", "warehouse"] {
+        let mut got = BTreeSet::new();
+        for consumer in ["c1", "c2", "c1", "c2"] {
+            for d in b
+                .receive("lab", sub, consumer, 3, Duration::from_millis(50))
+                .await
+                .unwrap()
+            {
+                assert!(
+                    got.insert(d.message.offset),
+                    "{sub}: offset {} delivered twice",
+                    d.message.offset
+                );
+                assert_eq!(d.attempt, 1);
+                assert!(
+                    b.ack("lab", sub, &[d.delivery_id])
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+            }
+        }
+        // The rest.
+        for _ in 0..10 {
+            let ds = b
+                .receive("lab", sub, "c3", 10, Duration::from_millis(20))
+                .await
+                .unwrap();
+            for d in ds {
+                assert!(got.insert(d.message.offset));
+                b.ack("lab", sub, &[d.delivery_id]).await.unwrap();
+            }
+        }
+        assert_eq!(got, (0..10).collect());
+        let stats = b.subscription("lab", sub).unwrap().stats();
+        assert_eq!((stats.acked, stats.backlog, stats.in_flight), (10, 0, 0));
+    }
+}
+
+#[tokio::test]
+async fn nack_and_lease_expiry_redeliver_and_stale_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    b.put_subscription(
+        "t",
+        "s",
+        SubscriptionConfig {
+            max_attempts: 10,
+            ..fast(Dispatch::RoundRobin)
+        },
+    )
+    .unwrap();
+    publish(&b, "t", "m", None).await;
+    let d1 = b.receive("t", "s", "a", 1, W).await.unwrap().pop().unwrap();
+    assert_eq!(d1.attempt, 1);
+    // Nack: delivered again after the backoff, with attempt 2 and a new id.
+    assert!(
+        b.nack("t", "s", &[d1.delivery_id], "parse error", None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let d2 = b.receive("t", "s", "b", 1, W).await.unwrap().pop().unwrap();
+    assert_eq!((d2.attempt, d2.message.offset), (2, 0));
+    assert_ne!(d2.delivery_id, d1.delivery_id);
+    // The old id is dead.
+    assert_eq!(
+        b.ack("t", "s", &[d1.delivery_id]).await.unwrap(),
+        vec![(d1.delivery_id, SettleRefusal::UnknownOrStale)]
+    );
+    // Let the lease run out: the late ack is refused and the message comes back.
+    let t0 = Instant::now();
+    let d3 = loop {
+        let ds = b.receive("t", "s", "c", 1, W).await.unwrap();
+        if let Some(d) = ds.into_iter().next() {
+            break d;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "lease never expired");
+    };
+    assert_eq!(d3.attempt, 3);
+    let refused = b.ack("t", "s", &[d2.delivery_id]).await.unwrap();
+    assert_eq!(
+        refused.len(),
+        1,
+        "an ack after the lease ran out must not count"
+    );
+    assert!(b.ack("t", "s", &[d3.delivery_id]).await.unwrap().is_empty());
+    assert!(
+        b.receive("t", "s", "a", 1, Duration::from_millis(400))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Unknown ids.
+    assert_eq!(
+        b.ack("t", "s", &[12345]).await.unwrap()[0].1,
+        SettleRefusal::UnknownOrStale
+    );
+}
+
+#[tokio::test]
+async fn exhausted_messages_are_dead_lettered_replayed_discarded_and_announced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("orders", TopicConfig::default()).unwrap();
+    let cfg = SubscriptionConfig {
+        max_attempts: 2,
+        dead_letter_topic: Some("orders.failures".into()),
+        ..fast(Dispatch::RoundRobin)
+    };
+    b.put_subscription("orders", "pharmacy", cfg).unwrap();
+    publish(&b, "orders", "poison", Some("MRN1")).await;
+    publish(&b, "orders", "next for the same patient", Some("MRN1")).await;
+    for attempt in 1..=2 {
+        let d = b.receive("orders", "pharmacy", "p", 5, W).await.unwrap();
+        assert_eq!(d.len(), 1, "only the head of the key is delivered");
+        assert_eq!((d[0].message.offset, d[0].attempt), (0, attempt));
+        b.nack(
+            "orders",
+            "pharmacy",
+            &[d[0].delivery_id],
+            "bad dose unit",
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let dls = b.dead_letters("orders", "pharmacy").unwrap();
+    assert_eq!(dls.len(), 1);
+    assert_eq!(
+        (dls[0].offset, dls[0].attempts, dls[0].reason.as_str()),
+        (0, 2, "bad dose unit")
+    );
+    assert!(dls[0].first_failure_ms <= dls[0].last_failure_ms);
+    // The key is released: the next message flows.
+    let d = b.receive("orders", "pharmacy", "p", 5, W).await.unwrap();
+    assert_eq!(d[0].message.offset, 1);
+    b.ack("orders", "pharmacy", &[d[0].delivery_id])
+        .await
+        .unwrap();
+    // The compensation record.
+    let failures = b.read("orders.failures", 0, 0, 10).unwrap();
+    assert_eq!(failures.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&failures[0].body).unwrap();
+    assert_eq!(v["offset"], 0);
+    assert_eq!(v["reason"], "bad dose unit");
+    // Replay: delivered again with fresh attempts.
+    b.replay_dead_letter("orders", "pharmacy", dls[0].id)
+        .await
+        .unwrap();
+    assert!(b.dead_letters("orders", "pharmacy").unwrap().is_empty());
+    let d = b.receive("orders", "pharmacy", "p", 5, W).await.unwrap();
+    assert_eq!((d[0].message.offset, d[0].attempt), (0, 1));
+    // Fail it again, then discard.
+    for _ in 0..2 {
+        let d = b
+            .receive("orders", "pharmacy", "p", 5, W)
+            .await
+            .unwrap_or_default();
+        if let Some(d) = d.first() {
+            b.nack("orders", "pharmacy", &[d.delivery_id], "still bad", None)
+                .await
+                .unwrap();
+        }
+    }
+    b.nack("orders", "pharmacy", &[d[0].delivery_id], "still bad", None)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while b.dead_letters("orders", "pharmacy").unwrap().is_empty() {
+        if let Some(d) = b
+            .receive("orders", "pharmacy", "p", 1, W)
+            .await
+            .unwrap()
+            .first()
+        {
+            b.nack("orders", "pharmacy", &[d.delivery_id], "still bad", None)
+                .await
+                .unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    let id = b.dead_letters("orders", "pharmacy").unwrap()[0].id;
+    b.discard_dead_letter("orders", "pharmacy", id)
+        .await
+        .unwrap();
+    assert!(b.dead_letters("orders", "pharmacy").unwrap().is_empty());
+    assert!(
+        b.discard_dead_letter("orders", "pharmacy", id)
+            .await
+            .is_err()
+    );
+    // Dead letters and discards survive a restart.
+    drop(b);
+    let b = open(dir.path());
+    assert!(b.dead_letters("orders", "pharmacy").unwrap().is_empty());
+    assert_eq!(
+        b.read("orders.failures", 0, 0, 10).unwrap().len(),
+        2,
+        "one record per dead-lettering"
+    );
+    assert!(
+        b.receive("orders", "pharmacy", "p", 5, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn acks_survive_a_restart_and_unacked_messages_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic(
+        "t",
+        TopicConfig {
+            partitions: 2,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    b.put_subscription("t", "s", fast(Dispatch::RoundRobin))
+        .unwrap();
+    for i in 0..20 {
+        publish(&b, "t", &format!("{i}"), Some(&format!("k{i}"))).await;
+    }
+    let ds = b.receive("t", "s", "a", 20, W).await.unwrap();
+    assert_eq!(ds.len(), 20);
+    let acked: BTreeSet<(u32, u64)> = ds
+        .iter()
+        .step_by(2)
+        .map(|d| (d.message.partition, d.message.offset))
+        .collect();
+    let ids: Vec<u64> = ds.iter().step_by(2).map(|d| d.delivery_id).collect();
+    assert!(b.ack("t", "s", &ids).await.unwrap().is_empty());
+    drop(b); // a crash for everything not fsynced; acks were
+    let b = open(dir.path());
+    let mut again = BTreeSet::new();
+    for _ in 0..5 {
+        for d in b
+            .receive("t", "s", "z", 50, Duration::from_millis(50))
+            .await
+            .unwrap()
+        {
+            again.insert((d.message.partition, d.message.offset));
+        }
+    }
+    assert_eq!(again.len(), 10);
+    assert!(
+        again.is_disjoint(&acked),
+        "an acknowledged message was delivered again"
+    );
+}
+
+#[tokio::test]
+async fn cumulative_ack_and_start_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    for i in 0..5 {
+        publish(&b, "t", &format!("{i}"), None).await;
+    }
+    b.put_subscription("t", "offsets", fast(Dispatch::RoundRobin))
+        .unwrap();
+    b.put_subscription(
+        "t",
+        "late",
+        SubscriptionConfig {
+            start: StartPosition::Latest,
+            ..fast(Dispatch::RoundRobin)
+        },
+    )
+    .unwrap();
+    let held = b.receive("t", "offsets", "a", 2, W).await.unwrap();
+    b.ack_cumulative("t", "offsets", 0, 2).await.unwrap();
+    // The held ids are settled by the cumulative ack.
+    assert_eq!(
+        b.ack("t", "offsets", &[held[0].delivery_id])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let rest = b.receive("t", "offsets", "a", 10, W).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|d| d.message.offset).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert!(
+        b.receive("t", "late", "a", 10, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    publish(&b, "t", "new", None).await;
+    let late = b.receive("t", "late", "a", 10, W).await.unwrap();
+    assert_eq!(
+        late.iter().map(|d| d.message.offset).collect::<Vec<_>>(),
+        vec![5]
+    );
+    assert!(b.ack_cumulative("t", "offsets", 9, 0).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_in_flight_prefers_the_idle_consumer_and_round_robin_alternates() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(dir.path()));
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    b.put_subscription(
+        "t",
+        "lif",
+        SubscriptionConfig {
+            ack_deadline_ms: 60_000,
+            ..fast(Dispatch::LeastInFlight)
+        },
+    )
+    .unwrap();
+    b.put_subscription(
+        "t",
+        "rr",
+        SubscriptionConfig {
+            ack_deadline_ms: 60_000,
+            ..fast(Dispatch::RoundRobin)
+        },
+    )
+    .unwrap();
+    b.put_subscription(
+        "t",
+        "rnd",
+        SubscriptionConfig {
+            ack_deadline_ms: 60_000,
+            ..fast(Dispatch::Random)
+        },
+    )
+    .unwrap();
+    for i in 0..3 {
+        publish(&b, "t", &format!("{i}"), None).await;
+    }
+    // "busy" holds three unacknowledged deliveries.
+    assert_eq!(b.receive("t", "lif", "busy", 3, W).await.unwrap().len(), 3);
+    for round in 0..5 {
+        let (b1, b2) = (Arc::clone(&b), Arc::clone(&b));
+        let busy = tokio::spawn(async move {
+            b1.receive("t", "lif", "busy", 1, Duration::from_secs(2))
+                .await
+                .unwrap()
+        });
+        let idle = tokio::spawn(async move {
+            b2.receive("t", "lif", "idle", 1, Duration::from_secs(2))
+                .await
+                .unwrap()
+        });
+        wait_for_waiters(&b, "lif", 2).await;
+        publish(&b, "t", &format!("r{round}"), None).await;
+        let got_idle = idle.await.unwrap();
+        assert_eq!(
+            got_idle.len(),
+            1,
+            "round {round}: the idle consumer must get the message"
+        );
+        b.ack("t", "lif", &[got_idle[0].delivery_id]).await.unwrap();
+        // The busy one gets the next message.
+        publish(&b, "t", &format!("s{round}"), None).await;
+        assert_eq!(busy.await.unwrap().len(), 1);
+    }
+    // Round robin over two waiting consumers, one message each, four rounds: 4/4.
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    drain(&b, "rr").await;
+    for round in 0..8 {
+        let (b1, b2) = (Arc::clone(&b), Arc::clone(&b));
+        let x = tokio::spawn(async move {
+            b1.receive("t", "rr", "x", 1, Duration::from_millis(300))
+                .await
+                .unwrap()
+        });
+        let y = tokio::spawn(async move {
+            b2.receive("t", "rr", "y", 1, Duration::from_millis(300))
+                .await
+                .unwrap()
+        });
+        wait_for_waiters(&b, "rr", 2).await;
+        publish(&b, "t", &format!("q{round}"), None).await;
+        *count.entry("x").or_default() += x.await.unwrap().len();
+        *count.entry("y").or_default() += y.await.unwrap().len();
+    }
+    assert_eq!((count["x"], count["y"]), (4, 4), "{count:?}");
+}
+
+async fn drain(b: &Broker, sub: &str) {
+    loop {
+        let ds = b
+            .receive("t", sub, "drain", 100, Duration::from_millis(30))
+            .await
+            .unwrap();
+        if ds.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = ds.iter().map(|d| d.delivery_id).collect();
+        b.ack("t", sub, &ids).await.unwrap();
+    }
+}
+
+async fn wait_for_waiters(b: &Broker, sub: &str, n: usize) {
+    let t0 = Instant::now();
+    while b.subscription("t", sub).unwrap().waiting() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "receivers never started waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_under_eight_competing_consumers_with_random_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(dir.path()));
+    b.put_topic(
+        "adt",
+        TopicConfig {
+            partitions: 3,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let cfg = SubscriptionConfig {
+        ack_deadline_ms: 150,
+        max_attempts: 1000,
+        backoff: Backoff {
+            initial_ms: 5,
+            max_ms: 20,
+            multiplier: 2.0,
+            jitter: 0.5,
+        },
+        ..fast(Dispatch::Random)
+    };
+    b.put_subscription("adt", "s", cfg).unwrap();
+    let mut keys_of: BTreeMap<(u32, u64), String> = BTreeMap::new();
+    for i in 0..300 {
+        let key = format!("MRN{}", i % 12);
+        let mut m = PublishMessage::new(Bytes::from(format!("{i}")));
+        m.partition_key = Some(Bytes::from(key.clone()));
+        let o = b.publish("adt", vec![m]).await.unwrap()[0];
+        keys_of.insert((o.partition, o.offset), key);
+    }
+    let keys_of = Arc::new(keys_of);
+    // Model: per key, offsets acknowledged (recorded before the ack is sent).
+    let acked: Arc<Mutex<BTreeSet<(u32, u64)>>> = Arc::default();
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for c in 0..8u64 {
+        let (b, acked, violations, keys_of) = (
+            Arc::clone(&b),
+            Arc::clone(&acked),
+            Arc::clone(&violations),
+            Arc::clone(&keys_of),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut rng = c * 7919 + 13;
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(40) {
+                if acked.lock().unwrap().len() == 300 {
+                    break;
+                }
+                let ds = b
+                    .receive("adt", "s", &format!("c{c}"), 4, Duration::from_millis(50))
+                    .await
+                    .unwrap();
+                for d in ds {
+                    let (p, o) = (d.message.partition, d.message.offset);
+                    let key = &keys_of[&(p, o)];
+                    {
+                        let a = acked.lock().unwrap();
+                        for (&(pp, oo), k) in keys_of.range((p, 0)..(p, o)) {
+                            if k == key && !a.contains(&(pp, oo)) {
+                                violations.lock().unwrap().push(format!(
+                                    "{key}: offset {o} delivered before {oo} was acked"
+                                ));
+                            }
+                        }
+                    }
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    match rng % 10 {
+                        0 => {} // forget it: the lease expires
+                        1 => {
+                            b.nack("adt", "s", &[d.delivery_id], "random failure", None)
+                                .await
+                                .unwrap();
+                        }
+                        _ => {
+                            acked.lock().unwrap().insert((p, o));
+                            let refused = b.ack("adt", "s", &[d.delivery_id]).await.unwrap();
+                            if !refused.is_empty() {
+                                acked.lock().unwrap().remove(&(p, o));
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = violations.lock().unwrap();
+    assert!(
+        v.is_empty(),
+        "{} order violations, e.g. {:?}",
+        v.len(),
+        v.first()
+    );
+    assert_eq!(
+        acked.lock().unwrap().len(),
+        300,
+        "not everything was acknowledged in time"
+    );
+    let stats = b.subscription("adt", "s").unwrap().stats();
+    assert!(
+        stats.redelivered > 0 && stats.nacked > 0 && stats.expired > 0,
+        "{stats:?}"
+    );
+}
