@@ -17,6 +17,7 @@ use crate::subscription::{
     SubscriptionError,
 };
 use crate::topic::{TopicConfig, partition_for_key};
+use crate::txn::{OpenTxn, PendingCommit, Transactions, TxnAck, generated_key};
 
 /// Directory of a topic's subscriptions.
 const SUBSCRIPTIONS_DIR: &str = "subscriptions";
@@ -77,6 +78,23 @@ pub enum BrokerError {
     /// A subscription operation failed.
     #[error(transparent)]
     Subscription(#[from] SubscriptionError),
+    /// No such transaction (never begun, already committed or aborted).
+    #[error("transaction {0} is not open")]
+    UnknownTransaction(u64),
+    /// The transaction's timeout passed; it was aborted.
+    #[error("transaction {0} timed out and was aborted")]
+    TransactionExpired(u64),
+    /// The transaction could not commit and was aborted; nothing of it took effect.
+    #[error("transaction {id} aborted: {reason}")]
+    TransactionAborted {
+        /// The transaction.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Too many open transactions.
+    #[error("too many open transactions")]
+    TooManyTransactions,
     /// No such subscription.
     #[error("topic {topic} has no subscription {subscription}")]
     UnknownSubscription {
@@ -119,6 +137,10 @@ impl BrokerError {
             BrokerError::Dedup(_) => "dedup_error",
             BrokerError::Subscription(e) => e.code(),
             BrokerError::UnknownSubscription { .. } => "unknown_subscription",
+            BrokerError::UnknownTransaction(_) => "unknown_transaction",
+            BrokerError::TransactionExpired(_) => "transaction_expired",
+            BrokerError::TransactionAborted { .. } => "transaction_aborted",
+            BrokerError::TooManyTransactions => "too_many_transactions",
             BrokerError::UnknownPartition { .. } => "unknown_partition",
             BrokerError::EmptyBatch => "empty_batch",
             BrokerError::BatchSpansPartitions(_) => "batch_spans_partitions",
@@ -129,6 +151,42 @@ impl BrokerError {
 
 fn poisoned<T>(_: T) -> BrokerError {
     BrokerError::Internal
+}
+
+/// Deliveries a committing transaction holds in one subscription.
+type HeldAcks = (Arc<Subscription>, (String, String), Vec<(u32, u64)>);
+
+/// The life of one stored message.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MessageTrace {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// When it was stored (ms since the epoch).
+    pub stored_ms: i64,
+    /// Its idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// Size of its body.
+    pub body_bytes: usize,
+    /// Its history in every subscription of the topic.
+    pub subscriptions: Vec<crate::subscription::SubscriptionTrace>,
+}
+
+/// Where a test commit stops, as if the process died there.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitStep {
+    /// Deliveries held, nothing written.
+    BeforeCommitRecord,
+    /// The commit batch is durable; nothing applied.
+    AfterCommitRecord,
+    /// Messages published; acks not applied.
+    AfterPublishes,
+    /// Everything.
+    Done,
 }
 
 /// Broker-wide settings.
@@ -346,6 +404,7 @@ impl TopicRuntime {
 /// The broker core: topics, exactly-once publish, reads.
 #[derive(Debug)]
 pub struct Broker {
+    txns: Transactions,
     store: Store,
     config: BrokerConfig,
     runtimes: RwLock<BTreeMap<String, Arc<TopicRuntime>>>,
@@ -386,8 +445,21 @@ impl Broker {
             *rt.subscriptions.write().map_err(poisoned)? = subs;
             runtimes.insert(topic.name.clone(), rt);
         }
+        let txn_dir = store.dir().join("txn");
+        let (txn_log, _) = Log::open(
+            &txn_dir,
+            LogConfig {
+                retention: carebus_log::Retention::default(),
+                ..config.log.clone()
+            },
+        )
+        .map_err(|source| StoreError::Log {
+            path: txn_dir.clone(),
+            source,
+        })?;
         Ok((
             Broker {
+                txns: Transactions::new(txn_log),
                 store,
                 config,
                 runtimes: RwLock::new(runtimes),
@@ -794,6 +866,321 @@ impl Broker {
                 tracing::error!(topic = %c.topic, error = %e, "cannot publish a compensation record");
             }
         }
+    }
+
+    /// The life of one stored message: when it was stored, and in every subscription
+    /// each delivery attempt (consumer, time, outcome) and its current state.
+    pub fn trace(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<MessageTrace>, BrokerError> {
+        let rt = self.topic(topic)?;
+        let Some(m) = rt.read_one(partition, offset)? else {
+            return Ok(None);
+        };
+        let mut subscriptions = Vec::new();
+        for sub in self.subscriptions(topic)? {
+            subscriptions.push(sub.trace(partition, offset)?);
+        }
+        Ok(Some(MessageTrace {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            stored_ms: m.timestamp_ms,
+            idempotency_key: m
+                .idempotency_key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            body_bytes: m.body.len(),
+            subscriptions,
+        }))
+    }
+
+    /// The trace of the message stored under this idempotency key (within the window).
+    pub fn trace_by_idempotency_key(
+        &self,
+        topic: &str,
+        key: &[u8],
+    ) -> Result<Option<MessageTrace>, BrokerError> {
+        let rt = self.topic(topic)?;
+        match rt.find_by_idempotency_key(key, carebus_log::now_ms())? {
+            Some(m) => self.trace(topic, m.partition, m.offset),
+            None => Ok(None),
+        }
+    }
+
+    /// Begins a transaction that aborts by itself after `timeout`.
+    pub fn begin_transaction(&self, timeout: std::time::Duration) -> Result<u64, BrokerError> {
+        let mut open = self.txns.open.lock().map_err(poisoned)?;
+        let now = std::time::Instant::now();
+        open.retain(|_, t| t.deadline > now);
+        if open.len() >= crate::txn::MAX_OPEN {
+            return Err(BrokerError::TooManyTransactions);
+        }
+        let id = self.txns.new_id();
+        open.insert(
+            id,
+            OpenTxn {
+                deadline: now + timeout.min(crate::txn::MAX_TIMEOUT),
+                publishes: Vec::new(),
+                acks: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    fn with_open_txn<T>(
+        &self,
+        id: u64,
+        f: impl FnOnce(&mut OpenTxn) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let mut open = self.txns.open.lock().map_err(poisoned)?;
+        let expired = open
+            .get(&id)
+            .map(|t| t.deadline <= std::time::Instant::now());
+        match expired {
+            None => Err(BrokerError::UnknownTransaction(id)),
+            Some(true) => {
+                open.remove(&id);
+                Err(BrokerError::TransactionExpired(id))
+            }
+            Some(false) => open
+                .get_mut(&id)
+                .map_or(Err(BrokerError::UnknownTransaction(id)), f),
+        }
+    }
+
+    /// Adds messages to publish when the transaction commits (invisible until then).
+    pub fn transaction_publish(
+        &self,
+        id: u64,
+        topic: &str,
+        messages: Vec<PublishMessage>,
+    ) -> Result<(), BrokerError> {
+        self.topic(topic)?;
+        if messages.is_empty() {
+            return Err(BrokerError::EmptyBatch);
+        }
+        self.with_open_txn(id, |t| {
+            t.publishes
+                .extend(messages.into_iter().map(|m| (topic.to_owned(), m)));
+            Ok(())
+        })
+    }
+
+    /// Adds deliveries to acknowledge when the transaction commits. Ids that are not
+    /// in flight now are refused (and not added).
+    pub fn transaction_ack(
+        &self,
+        id: u64,
+        topic: &str,
+        subscription: &str,
+        ids: &[u64],
+    ) -> Result<Vec<(u64, SettleRefusal)>, BrokerError> {
+        let sub = self.subscription(topic, subscription)?;
+        let (_, refused) = sub.check_in_flight(ids)?;
+        self.with_open_txn(id, |t| {
+            for &d in ids {
+                if !refused.iter().any(|(r, _)| *r == d) {
+                    t.acks.push((topic.to_owned(), subscription.to_owned(), d));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(refused)
+    }
+
+    /// Aborts a transaction: nothing of it takes effect, and the deliveries it would
+    /// have acknowledged are delivered again.
+    pub fn abort_transaction(&self, id: u64) -> Result<(), BrokerError> {
+        let txn = self
+            .txns
+            .open
+            .lock()
+            .map_err(poisoned)?
+            .remove(&id)
+            .ok_or(BrokerError::UnknownTransaction(id))?;
+        self.release_txn_deliveries(&txn.acks);
+        Ok(())
+    }
+
+    fn release_txn_deliveries(&self, acks: &[(String, String, u64)]) {
+        for (topic, sub, d) in acks {
+            if let Ok(s) = self.subscription(topic, sub) {
+                s.release_deliveries(&[*d]);
+            }
+        }
+    }
+
+    /// Commits: all publishes and acks take effect, or none does.
+    pub async fn commit_transaction(
+        &self,
+        id: u64,
+    ) -> Result<Vec<(String, PublishOutcome)>, BrokerError> {
+        self.commit_transaction_until(id, CommitStep::Done).await
+    }
+
+    /// Commit, stopping after `step` as if the process died there (for crash tests).
+    #[doc(hidden)]
+    pub async fn commit_transaction_until(
+        &self,
+        id: u64,
+        step: CommitStep,
+    ) -> Result<Vec<(String, PublishOutcome)>, BrokerError> {
+        let txn = {
+            let mut open = self.txns.open.lock().map_err(poisoned)?;
+            let txn = open
+                .remove(&id)
+                .ok_or(BrokerError::UnknownTransaction(id))?;
+            if txn.deadline <= std::time::Instant::now() {
+                drop(open);
+                self.release_txn_deliveries(&txn.acks);
+                return Err(BrokerError::TransactionExpired(id));
+            }
+            txn
+        };
+        // Hold the deliveries: from here their leases cannot run out.
+        let mut groups: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        for (t, s, d) in &txn.acks {
+            groups.entry((t.clone(), s.clone())).or_default().push(*d);
+        }
+        let mut held: Vec<HeldAcks> = Vec::new();
+        for ((t, s), ids) in groups {
+            let outcome = self
+                .subscription(&t, &s)
+                .and_then(|sub| Ok((sub.hold_for_commit(&ids)?, sub)));
+            match outcome {
+                Ok((Ok(positions), sub)) => held.push((sub, (t, s), positions)),
+                Ok((Err(refused), _)) => {
+                    for (sub, _, positions) in &held {
+                        sub.release_held(positions);
+                    }
+                    let reason = format!(
+                        "{} deliveries of {t}/{s} are no longer held (e.g. {:?})",
+                        refused.len(),
+                        refused.first().map(|r| r.1)
+                    );
+                    return Err(BrokerError::TransactionAborted { id, reason });
+                }
+                Err(e) => {
+                    for (sub, _, positions) in &held {
+                        sub.release_held(positions);
+                    }
+                    return Err(BrokerError::TransactionAborted {
+                        id,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let acks: Vec<TxnAck> = held
+            .iter()
+            .flat_map(|(_, (t, s), positions)| {
+                positions.iter().map(|&(partition, offset)| TxnAck {
+                    topic: t.clone(),
+                    subscription: s.clone(),
+                    partition,
+                    offset,
+                })
+            })
+            .collect();
+        let publishes: Vec<(String, PublishMessage)> = txn
+            .publishes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, mut m))| {
+                if m.idempotency_key.is_none() {
+                    m.idempotency_key = Some(generated_key(id, i));
+                }
+                (t, m)
+            })
+            .collect();
+        if step == CommitStep::BeforeCommitRecord {
+            return Ok(Vec::new());
+        }
+        // The commit point: one atomic, fsynced batch.
+        if let Err(e) = self
+            .txns
+            .log
+            .append(&Transactions::commit_batch(id, &publishes, &acks))
+            .await
+        {
+            for (sub, _, positions) in &held {
+                sub.release_held(positions);
+            }
+            return Err(BrokerError::TransactionAborted {
+                id,
+                reason: e.to_string(),
+            });
+        }
+        self.apply_commit(
+            PendingCommit {
+                id,
+                publishes,
+                acks,
+            },
+            step,
+        )
+        .await
+    }
+
+    async fn apply_commit(
+        &self,
+        commit: PendingCommit,
+        step: CommitStep,
+    ) -> Result<Vec<(String, PublishOutcome)>, BrokerError> {
+        if step == CommitStep::AfterCommitRecord {
+            return Ok(Vec::new());
+        }
+        let mut outcomes = Vec::with_capacity(commit.publishes.len());
+        for (topic, m) in commit.publishes {
+            let o = self.publish(&topic, vec![m]).await?;
+            outcomes.extend(o.into_iter().map(|o| (topic.clone(), o)));
+        }
+        if step == CommitStep::AfterPublishes {
+            return Ok(outcomes);
+        }
+        let mut groups: BTreeMap<(String, String), Vec<(u32, u64)>> = BTreeMap::new();
+        for a in commit.acks {
+            groups
+                .entry((a.topic, a.subscription))
+                .or_default()
+                .push((a.partition, a.offset));
+        }
+        for ((t, s), positions) in groups {
+            match self.subscription(&t, &s) {
+                Ok(sub) => sub.ack_positions(&positions).await?,
+                Err(e) => {
+                    tracing::warn!(topic = %t, subscription = %s, error = %e, "transaction ack of a vanished subscription skipped")
+                }
+            }
+        }
+        let done = serde_json::to_vec(&crate::txn::AppliedRecord { applied: commit.id })
+            .unwrap_or_default();
+        let _ = self
+            .txns
+            .log
+            .append_detached(&[carebus_log::Record::new(done)]);
+        Ok(outcomes)
+    }
+
+    /// Re-applies transactions committed before a crash but not fully applied. Call
+    /// once after [`Broker::open`], before serving. Returns how many were re-applied.
+    pub async fn finish_recovery(&self) -> Result<usize, BrokerError> {
+        let pending = self.txns.pending_commits()?;
+        let n = pending.len();
+        for commit in pending {
+            tracing::info!(
+                transaction = commit.id,
+                messages = commit.publishes.len(),
+                acks = commit.acks.len(),
+                "re-applying a committed transaction"
+            );
+            self.apply_commit(commit, CommitStep::Done).await?;
+        }
+        Ok(n)
     }
 
     /// Persists every topic's deduplication index (call at shutdown; bounds the replay

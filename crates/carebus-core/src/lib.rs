@@ -11,12 +11,16 @@ mod message;
 mod store;
 mod subscription;
 pub mod topic;
+mod txn;
 
-pub use broker::{Broker, BrokerConfig, BrokerError, PublishOutcome, TopicCounters, TopicRuntime};
+pub use broker::{
+    Broker, BrokerConfig, BrokerError, CommitStep, MessageTrace, PublishOutcome, TopicCounters,
+    TopicRuntime,
+};
 pub use message::{PublishMessage, StoredMessage, body_hash};
 pub use store::{Store, StoreError, StoreReport, Topic};
 pub use subscription::{
     Backoff, DeadLetter, Delivery, Dispatch, SettleRefusal, StartPosition, Subscription,
-    SubscriptionConfig, SubscriptionError, SubscriptionStats,
+    SubscriptionConfig, SubscriptionError, SubscriptionStats, SubscriptionTrace, TraceEvent,
 };
 pub use topic::{TopicConfig, partition_for_key, validate_name};

@@ -224,6 +224,11 @@ fn poisoned<T>(_: T) -> SubscriptionError {
     SubscriptionError::Internal
 }
 
+/// A message's position: (partition, offset).
+pub(crate) type Position = (u32, u64);
+/// What an all-or-nothing hold gives: the positions held, or why not.
+pub(crate) type HoldOutcome = Result<Vec<Position>, Vec<Refusal>>;
+
 /// A delivery being settled: (delivery id, partition, offset).
 type Settling = (u64, u32, u64);
 /// A delivery id that was refused, and why.
@@ -277,6 +282,38 @@ pub struct DeadLetter {
     pub first_failure_ms: i64,
     /// Last failure (ms since the epoch).
     pub last_failure_ms: i64,
+}
+
+/// One step in the life of a message in a subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceEvent {
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// `delivered`, `acked`, `nacked`, `lease_expired`, `dead_lettered`,
+    /// `cumulative_ack`, `dead_letter_replayed` or `dead_letter_discarded`.
+    pub kind: &'static str,
+    /// Delivery attempt number (for `delivered`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Consumer (for `delivered`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// Reason (for `nacked` and `dead_lettered`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A message's history in one subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscriptionTrace {
+    /// The subscription.
+    pub subscription: String,
+    /// `pending`, `in_flight`, `acknowledged`, `dead_lettered`, `discarded` (a dead
+    /// letter thrown away) or `not_subscribed` (the message precedes the subscription's
+    /// start).
+    pub state: &'static str,
+    /// What happened, oldest first.
+    pub events: Vec<TraceEvent>,
 }
 
 /// Events of the subscription's log.
@@ -1188,28 +1225,115 @@ impl Subscription {
         &self,
         ids: &[u64],
     ) -> Result<Vec<(u64, SettleRefusal)>, SubscriptionError> {
-        let now = now_ms();
-        let (ok, refused) = self.begin_settle(ids, now)?;
+        let (ok, refused) = self.begin_settle(ids, now_ms())?;
         if ok.is_empty() {
             return Ok(refused);
         }
-        let records: Vec<Record> = ok
-            .iter()
-            .map(|&(_, p, o)| Event::Ack { p, o, t: now }.record())
-            .collect();
-        if let Err(e) = self.events.append(&records).await {
+        let positions: Vec<(u32, u64)> = ok.iter().map(|&(_, p, o)| (p, o)).collect();
+        if let Err(e) = self.ack_positions(&positions).await {
             self.abort_settle(&ok);
-            return Err(e.into());
+            return Err(e);
         }
-        {
-            let mut s = self.state.lock().map_err(poisoned)?;
-            for &(_, p, o) in &ok {
-                self.finish_done(&mut s, p, o);
+        Ok(refused)
+    }
+
+    /// Checks delivery ids without changing anything: the positions of those that are
+    /// in flight under an unexpired lease, and refusals for the others.
+    pub(crate) fn check_in_flight(
+        &self,
+        ids: &[u64],
+    ) -> Result<(Vec<Position>, Vec<Refusal>), SubscriptionError> {
+        let now = now_ms();
+        let s = self.state.lock().map_err(poisoned)?;
+        let mut ok = Vec::new();
+        let mut refused = Vec::new();
+        for &id in ids {
+            let pos = s.in_flight.get(&id).copied();
+            let status = pos
+                .and_then(|(p, o)| s.parts.get(p as usize)?.pending.get(&o))
+                .map(|x| &x.status);
+            match (pos, status) {
+                (
+                    Some(pos),
+                    Some(Status::InFlight {
+                        id: cur,
+                        deadline_ms,
+                        ..
+                    }),
+                ) if *cur == id => {
+                    if *deadline_ms <= now {
+                        refused.push((id, SettleRefusal::LeaseExpired));
+                    } else {
+                        ok.push(pos);
+                    }
+                }
+                _ => refused.push((id, SettleRefusal::UnknownOrStale)),
             }
-            s.acked += ok.len() as u64;
+        }
+        Ok((ok, refused))
+    }
+
+    /// Marks delivery ids as settling (so their leases cannot expire) for a
+    /// transaction's commit. All or nothing: on any refusal nothing changes.
+    pub(crate) fn hold_for_commit(&self, ids: &[u64]) -> Result<HoldOutcome, SubscriptionError> {
+        let (ok, refused) = self.begin_settle(ids, now_ms())?;
+        if refused.is_empty() {
+            return Ok(Ok(ok.iter().map(|&(_, p, o)| (p, o)).collect()));
+        }
+        self.abort_settle(&ok);
+        Ok(Err(refused))
+    }
+
+    /// Makes in-flight deliveries deliverable again at once (an aborted transaction's
+    /// acks); unknown ids are ignored.
+    pub(crate) fn release_deliveries(&self, ids: &[u64]) {
+        if let Ok(mut s) = self.state.lock() {
+            for &id in ids {
+                self.release_undelivered(&mut s, id);
+            }
         }
         self.changed.notify_waiters();
-        Ok(refused)
+    }
+
+    /// Releases deliveries held for a commit that did not happen.
+    pub(crate) fn release_held(&self, positions: &[(u32, u64)]) {
+        let items: Vec<Settling> = positions.iter().map(|&(p, o)| (0, p, o)).collect();
+        self.abort_settle(&items);
+    }
+
+    /// Acknowledges messages by position, durably (used by acks and by transactions,
+    /// also when re-applied after a crash: acknowledging twice is harmless).
+    pub(crate) async fn ack_positions(
+        &self,
+        positions: &[(u32, u64)],
+    ) -> Result<(), SubscriptionError> {
+        let now = now_ms();
+        let records: Vec<Record> = positions
+            .iter()
+            .map(|&(p, o)| Event::Ack { p, o, t: now }.record())
+            .collect();
+        self.events.append(&records).await?;
+        {
+            let mut s = self.state.lock().map_err(poisoned)?;
+            for &(p, o) in positions {
+                let held = s
+                    .parts
+                    .get(p as usize)
+                    .and_then(|ps| ps.pending.get(&o))
+                    .and_then(|x| match &x.status {
+                        Status::InFlight { id, consumer, .. } => Some((*id, consumer.clone())),
+                        _ => None,
+                    });
+                if let Some((id, consumer)) = held {
+                    s.in_flight.remove(&id);
+                    s.release_consumer(&consumer);
+                }
+                self.finish_done(&mut s, p, o);
+            }
+            s.acked += positions.len() as u64;
+        }
+        self.changed.notify_waiters();
+        Ok(())
     }
 
     /// Negative acknowledgement: delivered again after the backoff (or `delay_ms` if
@@ -1430,6 +1554,102 @@ impl Subscription {
         drop(s);
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// The history and current state of one message in this subscription. Scans the
+    /// subscription's event log (an operator's tool, not a hot path).
+    pub fn trace(
+        &self,
+        partition: u32,
+        offset: u64,
+    ) -> Result<SubscriptionTrace, SubscriptionError> {
+        let mut events = Vec::new();
+        let mut dead_ids = BTreeSet::new();
+        let mut at = self.events.start_offset();
+        let end = self.events.next_offset();
+        let ev = |at_ms, kind| TraceEvent {
+            at_ms,
+            kind,
+            attempt: None,
+            consumer: None,
+            reason: None,
+        };
+        while at < end {
+            let batch = self.events.read(at, 4096, 8 << 20)?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                break;
+            };
+            for r in batch {
+                let Ok(e) = serde_json::from_slice::<Event>(&r.value) else {
+                    continue;
+                };
+                let hit = |p: u32, o: u64| p == partition && o == offset;
+                match e {
+                    Event::Attempt { p, o, n, c, t } if hit(p, o) => {
+                        events.push(TraceEvent {
+                            attempt: Some(n),
+                            consumer: Some(c),
+                            ..ev(t, "delivered")
+                        });
+                    }
+                    Event::Ack { p, o, t } if hit(p, o) => events.push(ev(t, "acked")),
+                    Event::Nack { p, o, t, reason } if hit(p, o) => {
+                        events.push(TraceEvent {
+                            reason: Some(reason),
+                            ..ev(t, "nacked")
+                        });
+                    }
+                    Event::Expired { p, o, t } if hit(p, o) => events.push(ev(t, "lease_expired")),
+                    Event::Dead { p, o, t, dl } if hit(p, o) => {
+                        dead_ids.insert(dl.id);
+                        events.push(TraceEvent {
+                            reason: Some(dl.reason),
+                            ..ev(t, "dead_lettered")
+                        });
+                    }
+                    Event::CumulativeAck { p, upto, t } if p == partition && offset <= upto => {
+                        events.push(ev(t, "cumulative_ack"));
+                    }
+                    Event::DeadLetterReplay { id, t } if dead_ids.contains(&id) => {
+                        events.push(ev(t, "dead_letter_replayed"))
+                    }
+                    Event::DeadLetterDiscard { id, t } if dead_ids.contains(&id) => {
+                        events.push(ev(t, "dead_letter_discarded"))
+                    }
+                    _ => {}
+                }
+            }
+            at = last + 1;
+        }
+        let s = self.state.lock().map_err(poisoned)?;
+        let ps = s.parts.get(partition as usize);
+        let pending = ps.and_then(|ps| ps.pending.get(&offset));
+        let state = if s
+            .dead_letters
+            .values()
+            .any(|d| d.partition == partition && d.offset == offset)
+        {
+            "dead_lettered"
+        } else if let Some(p) = pending {
+            if matches!(p.status, Status::InFlight { .. }) {
+                "in_flight"
+            } else {
+                "pending"
+            }
+        } else if ps.is_some_and(|ps| ps.is_done(offset)) {
+            match events.last().map(|e| e.kind) {
+                None => "not_subscribed",
+                Some("dead_letter_discarded") => "discarded",
+                Some(_) => "acknowledged",
+            }
+        } else {
+            "pending"
+        };
+        Ok(SubscriptionTrace {
+            subscription: self.name.clone(),
+            state,
+            events,
+        })
     }
 
     /// The dead-letter store.
