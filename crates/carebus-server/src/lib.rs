@@ -1,24 +1,23 @@
-//! The carebus server: opens the store and serves the HTTP endpoints.
+//! The carebus server: opens the broker and serves the HTTP API (`carebus-http`).
 //!
-//! Start-up order: bind the HTTP listener (so `/healthz` answers at once), recover the
-//! store on a blocking thread, then report ready on `/readyz`. A shutdown signal stops
-//! accepting connections, lets in-flight requests finish, and closes the store (which
-//! syncs every log) before [`run`] returns.
+//! Start-up order: bind the HTTP listener (so `/healthz` answers at once), open the
+//! broker (recover every partition log and deduplication index) on a blocking thread,
+//! then report ready on `/readyz`. A shutdown signal stops accepting connections, lets
+//! in-flight requests finish, checkpoints the deduplication indexes and closes the
+//! broker (which syncs every log) before [`run`] returns.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use carebus_core::{Store, StoreError};
+use carebus_core::{Broker, BrokerConfig, BrokerError};
+use carebus_http::{BrokerSlot, HttpConfig};
 use carebus_log::LogConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::oneshot;
+
+pub use carebus_http::DEFAULT_MAX_BODY_BYTES;
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -29,6 +28,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Storage tunables.
     pub log: LogConfig,
+    /// Largest HTTP request body accepted (413 above it).
+    pub max_body_bytes: usize,
 }
 
 /// Why the server stopped with an error.
@@ -43,37 +44,15 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    /// The store could not be opened.
+    /// The broker could not be opened, or failed to checkpoint at shutdown.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Broker(#[from] BrokerError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),
     /// A background task died.
     #[error("internal task failed: {0}")]
     Task(String),
-}
-
-#[derive(Debug, Default)]
-struct AppState {
-    ready: AtomicBool,
-    store: OnceCell<Store>,
-}
-
-/// Builds the HTTP routes.
-fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "recovering\n")
-    }
 }
 
 /// Runs until `shutdown` resolves. `bound` receives the actual HTTP address once listening.
@@ -89,12 +68,17 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().map_err(ServerError::Http)?;
-    tracing::info!(%addr, "http listening");
+    tracing::info!(%addr, max_body_bytes = config.max_body_bytes, "http listening");
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }
-    let state = Arc::new(AppState::default());
-    let app = router(Arc::clone(&state));
+    let slot = BrokerSlot::new();
+    let app = carebus_http::router(
+        slot.clone(),
+        HttpConfig {
+            max_body_bytes: config.max_body_bytes,
+        },
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
@@ -107,44 +91,74 @@ pub async fn run(
     let mut shutdown = tokio::spawn(shutdown);
 
     let data_dir = config.data_dir.clone();
-    let log_config = config.log.clone();
-    let opened = tokio::task::spawn_blocking(move || Store::open(&data_dir, &log_config));
+    let broker_config = BrokerConfig {
+        log: config.log.clone(),
+        ..BrokerConfig::default()
+    };
+    let opened = tokio::task::spawn_blocking(move || Broker::open(&data_dir, broker_config));
     let result = tokio::select! {
         opened = opened => Some(opened),
         _ = &mut shutdown => None,
     };
     let outcome = match result {
-        Some(Ok(Ok((store, report)))) => {
+        Some(Ok(Ok((broker, report)))) => {
+            let topics = broker.topics();
             tracing::info!(
                 data_dir = %config.data_dir.display(),
+                topics = topics.len(),
                 partitions = report.partitions,
                 records = report.records,
                 truncated_bytes = report.truncated_bytes,
                 rebuilt_indexes = report.rebuilt_indexes,
                 warnings = report.warnings.len(),
-                "store opened"
+                "broker opened"
             );
             for w in &report.warnings {
                 tracing::warn!(warning = %w, "store recovery");
             }
-            let _ = state.store.set(store);
-            state.ready.store(true, Ordering::Release);
-            tracing::info!("ready");
-            let _ = (&mut shutdown).await;
-            Ok(())
+            // Transactions committed before a crash but not fully applied.
+            match broker.finish_recovery().await {
+                Ok(n) => {
+                    tracing::info!(transactions = n, "transaction recovery done");
+                    slot.set(Arc::new(broker));
+                    tracing::info!("ready");
+                    let _ = (&mut shutdown).await;
+                    Ok(())
+                }
+                Err(e) => Err(ServerError::Broker(e)),
+            }
         }
-        Some(Ok(Err(e))) => Err(ServerError::Store(e)),
+        Some(Ok(Err(e))) => Err(ServerError::Broker(e)),
         Some(Err(e)) => Err(ServerError::Task(e.to_string())),
         None => Ok(()),
     };
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
-    match http.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ServerError::Http(e)),
-        Err(e) => return Err(ServerError::Task(e.to_string())),
+    let served = match http.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServerError::Http(e)),
+        Err(e) => Err(ServerError::Task(e.to_string())),
+    };
+    // The router (and its clone of the slot) is gone once the server has finished.
+    let broker = slot.get().cloned();
+    drop(slot);
+    if let Some(broker) = broker {
+        let closed = tokio::task::spawn_blocking(move || {
+            let r = broker.checkpoint();
+            // Dropping the broker syncs and closes every log (blocking work: done here).
+            drop(broker);
+            r
+        })
+        .await;
+        match closed {
+            Ok(Ok(())) => tracing::info!("deduplication indexes checkpointed, logs closed"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "checkpoint at shutdown failed");
+                return Err(ServerError::Broker(e));
+            }
+            Err(e) => return Err(ServerError::Task(e.to_string())),
+        }
     }
-    // Dropping the store syncs and closes every log.
-    drop(state);
+    served?;
     outcome
 }

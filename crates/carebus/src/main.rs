@@ -42,6 +42,17 @@ struct ServeArgs {
     /// (faster; a machine crash can lose acknowledged messages of that last interval).
     #[arg(long, default_value = "always", env = "CAREBUS_FSYNC")]
     fsync: String,
+    /// Largest HTTP request body accepted, in bytes (larger ones are answered 413).
+    #[arg(long, default_value_t = carebus_server::DEFAULT_MAX_BODY_BYTES, env = "CAREBUS_MAX_BODY_BYTES", value_parser = parse_max_body)]
+    max_body_bytes: usize,
+}
+
+fn parse_max_body(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("must be a number of bytes: {e}")),
+    }
 }
 
 fn parse_fsync(s: &str) -> anyhow::Result<carebus_log::FsyncPolicy> {
@@ -100,11 +111,13 @@ fn main() -> anyhow::Result<()> {
                     fsync,
                     ..carebus_log::LogConfig::default()
                 },
+                max_body_bytes: args.max_body_bytes,
             };
             tracing::info!(
                 data_dir = %config.data_dir.display(),
                 http_addr = %config.http_addr,
                 fsync = %args.fsync,
+                max_body_bytes = config.max_body_bytes,
                 "starting carebus"
             );
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -28,7 +28,13 @@ pub fn carebus() -> Command {
 impl Server {
     /// Starts the server on a free port with JSON logs and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = carebus()
+            .envs(env.iter().copied())
             .args([
                 "--log-format",
                 "json",
@@ -108,6 +114,20 @@ impl Server {
                 return v;
             }
         }
+    }
+
+    /// Sends SIGTERM, waits (bounded) for the exit, and returns the status with every
+    /// log line not consumed yet.
+    pub fn terminate_with_logs(mut self) -> (ExitStatus, Vec<serde_json::Value>) {
+        let logs = std::mem::replace(&mut self.logs, mpsc::channel().1);
+        let status = self.terminate();
+        // The reader thread ends when the process's stderr closes.
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(v) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            lines.push(v);
+        }
+        (status, lines)
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
