@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p carebus-bench -- log --dir /path/on/the/disk/to/test`
 
+mod core_broker;
 mod dedup_memory;
 mod disk;
 mod log_append;
@@ -29,13 +30,33 @@ enum Command {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Seconds of appends before each measurement starts (steady state: the first
-        /// segment of a new log is zero-filled as it grows, later ones come pre-zeroed).
+        /// Seconds of appends before each measurement starts (steady state).
         #[arg(long, default_value_t = 2)]
         warmup: u64,
         /// Concurrent appenders for the group-commit measurement.
         #[arg(long, default_value_t = 64)]
         appenders: usize,
+    },
+    /// Broker core in process: publish with and without idempotency keys, deliver + ack.
+    Core {
+        /// Directory on the filesystem to measure (a temporary directory is made inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Seconds per publish measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Seconds before each publish measurement starts.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+        /// Concurrent publishers.
+        #[arg(long, default_value_t = 64)]
+        publishers: usize,
+        /// Messages stored and then drained for deliver + ack.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Concurrent consumers for deliver + ack.
+        #[arg(long, default_value_t = 4)]
+        consumers: usize,
     },
     /// Memory per key of the deduplication index (its own count and RSS growth),
     /// insert and lookup rates; everything stays in memory.
@@ -52,6 +73,32 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Core {
+            dir,
+            seconds,
+            warmup,
+            publishers,
+            messages,
+            consumers,
+        } => {
+            let work = tempfile::Builder::new()
+                .prefix("carebus-bench-")
+                .tempdir_in(&dir)?;
+            let (w, d) = (
+                Duration::from_secs(warmup),
+                Duration::from_secs(seconds.max(1)),
+            );
+            let unkeyed =
+                core_broker::publish(&work.path().join("unkeyed"), false, publishers, w, d)?;
+            let keyed = core_broker::publish(&work.path().join("keyed"), true, publishers, w, d)?;
+            let deliver =
+                core_broker::deliver_ack(&work.path().join("deliver"), messages, consumers)?;
+            println!(
+                "{}",
+                core_broker::report(&unkeyed, &keyed, &deliver, publishers, consumers)
+            );
+            Ok(())
+        }
         Command::Log {
             dir,
             seconds,

@@ -50,7 +50,7 @@ fn list_subdirs(dir: &Path) -> Result<Vec<PathBuf>, SubscriptionError> {
 /// Lock stripes per topic that serialise publishes of the same idempotency key.
 const KEY_STRIPES: usize = 1024;
 /// Checkpoint a topic's dedup index after this many inserts.
-const CHECKPOINT_EVERY: u64 = 10_000;
+const CHECKPOINT_EVERY: u64 = 100_000;
 
 /// Errors of broker operations. Each has a stable `code()` for the wire.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,205 @@
+//! Broker-core throughput, in process (no network): publish with and without
+//! idempotency keys, and deliver + ack.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use carebus_core::{Broker, BrokerConfig, PublishMessage, SubscriptionConfig, TopicConfig};
+use hdrhistogram::Histogram;
+
+#[derive(Debug)]
+pub struct PublishRun {
+    pub keyed: bool,
+    pub messages: u64,
+    pub elapsed: Duration,
+    pub latency_us: Histogram<u64>,
+}
+
+impl PublishRun {
+    pub fn per_sec(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `publishers` tasks publish one 1 KiB message at a time (an HL7-like body whose
+/// control id varies) for `duration`, after `warmup`.
+pub fn publish(
+    dir: &Path,
+    keyed: bool,
+    publishers: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<PublishRun> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (broker, _) = Broker::open(dir, BrokerConfig::default())?;
+    let broker = Arc::new(broker);
+    broker.put_topic("bench", TopicConfig::default())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..publishers)
+        .map(|p| {
+            let (broker, stop, measuring, counted) = (
+                Arc::clone(&broker),
+                Arc::clone(&stop),
+                Arc::clone(&measuring),
+                Arc::clone(&counted),
+            );
+            runtime.spawn(async move {
+                let mut hist = Histogram::<u64>::new(3)?;
+                let filler = "X".repeat(1024 - 64);
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let control = format!("P{p:03}-{seq:010}");
+                    let body = format!(
+                        "MSH|^~\\&|LAB|RL|EMR|NG|20261124||ORU^R01|{control}|P|2.5.1\r{filler}"
+                    );
+                    let mut m = PublishMessage::new(Bytes::from(body));
+                    if keyed {
+                        m.idempotency_key = Some(Bytes::from(format!("LAB|RL|{control}")));
+                    }
+                    let t = Instant::now();
+                    let out = broker.publish("bench", vec![m]).await?;
+                    anyhow::ensure!(
+                        out.first().is_some_and(|o| !o.duplicate),
+                        "unexpected duplicate"
+                    );
+                    if measuring.load(Ordering::Relaxed) {
+                        hist.record(
+                            u64::try_from(t.elapsed().as_micros())
+                                .unwrap_or(u64::MAX)
+                                .max(1),
+                        )?;
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok::<_, anyhow::Error>(hist)
+            })
+        })
+        .collect();
+    std::thread::sleep(warmup);
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3)?;
+    for h in handles {
+        hist.add(runtime.block_on(h)??)?;
+    }
+    Ok(PublishRun {
+        keyed,
+        messages: counted.load(Ordering::Relaxed),
+        elapsed,
+        latency_us: hist,
+    })
+}
+
+#[derive(Debug)]
+pub struct DeliverRun {
+    pub messages: u64,
+    pub elapsed: Duration,
+}
+
+/// Stores `count` 1 KiB messages, then `consumers` tasks receive (up to 100 at a
+/// time) and acknowledge them all.
+pub fn deliver_ack(dir: &Path, count: u64, consumers: usize) -> anyhow::Result<DeliverRun> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (broker, _) = Broker::open(dir, BrokerConfig::default())?;
+    let broker = Arc::new(broker);
+    broker.put_topic("drain", TopicConfig::default())?;
+    broker.put_subscription("drain", "s", SubscriptionConfig::default())?;
+    let body = Bytes::from(vec![b'x'; 1024]);
+    runtime.block_on(async {
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(500);
+            let batch = (0..n).map(|_| PublishMessage::new(body.clone())).collect();
+            broker.publish("drain", batch).await?;
+            left -= n;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..consumers)
+        .map(|c| {
+            let (broker, done) = (Arc::clone(&broker), Arc::clone(&done));
+            runtime.spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while done.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+                    let ds = broker
+                        .receive(
+                            "drain",
+                            "s",
+                            &format!("c{c}"),
+                            100,
+                            Duration::from_millis(20),
+                        )
+                        .await?;
+                    if ds.is_empty() {
+                        continue;
+                    }
+                    let ids: Vec<u64> = ds.iter().map(|d| d.delivery_id).collect();
+                    let refused = broker.ack("drain", "s", &ids).await?;
+                    anyhow::ensure!(refused.is_empty(), "acks refused");
+                    done.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for h in handles {
+        runtime.block_on(h)??;
+    }
+    Ok(DeliverRun {
+        messages: done.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+    })
+}
+
+pub fn report(
+    unkeyed: &PublishRun,
+    keyed: &PublishRun,
+    deliver: &DeliverRun,
+    publishers: usize,
+    consumers: usize,
+) -> String {
+    let ms =
+        |h: &Histogram<u64>, q: f64| format!("{:.3} ms", h.value_at_quantile(q) as f64 / 1000.0);
+    let mut s = String::from("| measurement | msgs/s | p50 | p99 |\n|---|---:|---:|---:|\n");
+    for r in [unkeyed, keyed] {
+        s.push_str(&format!(
+            "| publish 1 KiB, {publishers} publishers, fsync before ack, {} | {:.0} | {} | {} |\n",
+            if r.keyed {
+                "with idempotency keys"
+            } else {
+                "without keys"
+            },
+            r.per_sec(),
+            ms(&r.latency_us, 0.5),
+            ms(&r.latency_us, 0.99)
+        ));
+    }
+    s.push_str(&format!(
+        "| deliver + ack {} stored 1 KiB messages, {consumers} consumers, batches of 100 | {:.0} | | |\n",
+        deliver.messages,
+        deliver.messages as f64 / deliver.elapsed.as_secs_f64()
+    ));
+    let ratio = keyed.per_sec() / unkeyed.per_sec();
+    s.push_str(&format!(
+        "\n| goal | measured | target | met |\n|---|---:|---:|---|\n| keyed publish ÷ unkeyed publish | {:.0} % | ≥ 90 % | {} |\n",
+        ratio * 100.0,
+        if ratio >= 0.9 { "yes" } else { "no" }
+    ));
+    s
+}
