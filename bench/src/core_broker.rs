@@ -102,6 +102,22 @@ pub fn publish(
     })
 }
 
+/// The run with the median throughput (all runs are printed to stderr).
+pub fn median(mut runs: Vec<PublishRun>) -> anyhow::Result<PublishRun> {
+    runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
+    let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.per_sec())).collect();
+    let kind = if runs.first().is_some_and(|r| r.keyed) {
+        "keyed"
+    } else {
+        "unkeyed"
+    };
+    eprintln!("{kind} runs, msgs/s, sorted: {}", all.join(", "));
+    let mid = runs.len() / 2;
+    runs.into_iter()
+        .nth(mid)
+        .ok_or_else(|| anyhow::anyhow!("no runs"))
+}
+
 #[derive(Debug)]
 pub struct DeliverRun {
     pub messages: u64,

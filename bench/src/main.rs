@@ -51,6 +51,9 @@ enum Command {
         /// Concurrent publishers.
         #[arg(long, default_value_t = 64)]
         publishers: usize,
+        /// Runs of each publish kind (alternating); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Messages stored and then drained for deliver + ack.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             warmup,
             publishers,
+            rounds,
             messages,
             consumers,
         } => {
@@ -88,9 +92,26 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs(warmup),
                 Duration::from_secs(seconds.max(1)),
             );
-            let unkeyed =
-                core_broker::publish(&work.path().join("unkeyed"), false, publishers, w, d)?;
-            let keyed = core_broker::publish(&work.path().join("keyed"), true, publishers, w, d)?;
+            // Alternate the two kinds (unkeyed, keyed, unkeyed, keyed, …) and flush the
+            // page cache's dirty data before each run, so neither kind pays for the
+            // writeback of the other's data; report the median run of each.
+            let mut unkeyed_runs = Vec::new();
+            let mut keyed_runs = Vec::new();
+            for round in 0..rounds.max(1) {
+                for keyed in [false, true] {
+                    std::process::Command::new("sync").status()?;
+                    let name = format!("{}-{round}", if keyed { "keyed" } else { "unkeyed" });
+                    let run =
+                        core_broker::publish(&work.path().join(name), keyed, publishers, w, d)?;
+                    if keyed {
+                        keyed_runs.push(run);
+                    } else {
+                        unkeyed_runs.push(run);
+                    }
+                }
+            }
+            let unkeyed = core_broker::median(unkeyed_runs)?;
+            let keyed = core_broker::median(keyed_runs)?;
             let deliver =
                 core_broker::deliver_ack(&work.path().join("deliver"), messages, consumers)?;
             println!(
