@@ -1,4 +1,6 @@
-//! The carebus HTTP/JSON front-end: topics, exactly-once publish and reads.
+//! The carebus HTTP/JSON front-end: topics, exactly-once publish and reads,
+//! subscriptions (long-poll receive, ack/nack, dead letters), message traces,
+//! transactions and Prometheus metrics.
 //!
 //! [`router`] builds an axum [`Router`] over a [`Broker`]. The broker may arrive later
 //! (a [`BrokerSlot`] filled once the store is recovered): until then `/healthz` answers
@@ -7,8 +9,14 @@
 //! in this crate for the endpoints and `GET /openapi.json` for the machine-readable
 //! description. Logs carry topic names, partitions, offsets and sizes, never bodies.
 
+// The hand-written OpenAPI document is one large `serde_json::json!` literal.
+#![recursion_limit = "512"]
+
+mod metrics;
 mod openapi;
 mod problem;
+mod subscriptions;
+mod transactions;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -19,7 +27,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use carebus_core::{
@@ -53,8 +61,23 @@ impl Default for HttpConfig {
 }
 
 /// Where the broker will be once it is open; shared by the router and its owner.
-#[derive(Debug, Clone, Default)]
-pub struct BrokerSlot(Arc<OnceLock<Arc<Broker>>>);
+///
+/// It also carries the shutdown signal: [`BrokerSlot::close`] makes waiting long-polls
+/// answer at once (with what they have), so a graceful shutdown is not held up by them.
+#[derive(Debug, Clone)]
+pub struct BrokerSlot {
+    broker: Arc<OnceLock<Arc<Broker>>>,
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for BrokerSlot {
+    fn default() -> Self {
+        BrokerSlot {
+            broker: Arc::default(),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
 
 impl BrokerSlot {
     /// An empty slot: the API answers 503 until [`BrokerSlot::set`].
@@ -64,12 +87,24 @@ impl BrokerSlot {
 
     /// Puts the open broker in; returns false if one was already there.
     pub fn set(&self, broker: Arc<Broker>) -> bool {
-        self.0.set(broker).is_ok()
+        self.broker.set(broker).is_ok()
     }
 
     /// The broker, once open.
     pub fn get(&self) -> Option<&Arc<Broker>> {
-        self.0.get()
+        self.broker.get()
+    }
+
+    /// Announces shutdown: long-polls waiting in `receive` answer now.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`BrokerSlot::close`] has been called.
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        // The sender lives as long as this slot, so this only ends by a close.
+        let _ = rx.wait_for(|closing| *closing).await;
     }
 }
 
@@ -82,13 +117,14 @@ impl From<Arc<Broker>> for BrokerSlot {
 }
 
 #[derive(Debug, Clone)]
-struct AppState {
+pub(crate) struct AppState {
     slot: BrokerSlot,
     config: HttpConfig,
+    metrics: Arc<metrics::HttpMetrics>,
 }
 
 impl AppState {
-    fn broker(&self) -> Result<Arc<Broker>, ApiError> {
+    pub(crate) fn broker(&self) -> Result<Arc<Broker>, ApiError> {
         self.slot.get().cloned().ok_or_else(ApiError::not_ready)
     }
 }
@@ -99,6 +135,7 @@ pub fn router(slot: impl Into<BrokerSlot>, config: HttpConfig) -> Router {
     let state = AppState {
         slot: slot.into(),
         config,
+        metrics: Arc::default(),
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -113,16 +150,71 @@ pub fn router(slot: impl Into<BrokerSlot>, config: HttpConfig) -> Router {
             "/v1/topics/{topic}/messages",
             get(find_message).post(publish_one),
         )
-        .route(
-            "/v1/topics/{topic}/messages:batch",
-            axum::routing::post(publish_batch),
-        )
+        .route("/v1/topics/{topic}/messages:batch", post(publish_batch))
         .route(
             "/v1/topics/{topic}/messages/{partition}/{offset}",
             get(read_message),
         )
+        .route(
+            "/v1/topics/{topic}/messages/{partition}/{offset}/trace",
+            get(subscriptions::trace_position),
+        )
+        .route("/v1/topics/{topic}/trace", get(subscriptions::trace_key))
+        .route("/v1/topics/{topic}/subscriptions", get(subscriptions::list))
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}",
+            get(subscriptions::get_one)
+                .put(subscriptions::put)
+                .delete(subscriptions::delete),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/receive",
+            post(subscriptions::receive),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/ack",
+            post(subscriptions::ack),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/nack",
+            post(subscriptions::nack),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/dead-letters",
+            get(subscriptions::dead_letters),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/dead-letters/{id}",
+            axum::routing::delete(subscriptions::discard_dead_letter),
+        )
+        .route(
+            "/v1/topics/{topic}/subscriptions/{subscription}/dead-letters/{id}/replay",
+            post(subscriptions::replay_dead_letter),
+        )
+        .route("/v1/transactions", post(transactions::begin))
+        .route(
+            "/v1/transactions/{transaction}/publish",
+            post(transactions::publish),
+        )
+        .route(
+            "/v1/transactions/{transaction}/ack",
+            post(transactions::ack),
+        )
+        .route(
+            "/v1/transactions/{transaction}/commit",
+            post(transactions::commit),
+        )
+        .route(
+            "/v1/transactions/{transaction}/abort",
+            post(transactions::abort),
+        )
+        .route("/metrics", get(metrics::endpoint))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -157,6 +249,7 @@ async fn method_not_allowed() -> ApiError {
 /// A topic as answered by the topic endpoints.
 #[derive(Debug, Serialize)]
 struct TopicView {
+    subscriptions: Vec<subscriptions::SubscriptionView>,
     name: String,
     partitions: u32,
     config: TopicConfig,
@@ -168,10 +261,18 @@ struct TopicView {
 }
 
 impl TopicView {
-    fn of(rt: &TopicRuntime) -> Self {
+    fn of(broker: &Broker, rt: &TopicRuntime) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let topic = rt.topic();
+        // A topic deleted meanwhile simply shows no subscriptions.
+        let subscriptions = broker
+            .subscriptions(rt.name())
+            .unwrap_or_default()
+            .iter()
+            .map(|s| subscriptions::SubscriptionView::of(rt.name(), s))
+            .collect();
         TopicView {
+            subscriptions,
             name: rt.name().to_owned(),
             partitions: topic.config.partitions,
             config: topic.config,
@@ -186,7 +287,7 @@ impl TopicView {
 
 /// The answer to one published message.
 #[derive(Debug, Serialize)]
-struct OutcomeView {
+pub(crate) struct OutcomeView {
     partition: u32,
     offset: u64,
     duplicate: bool,
@@ -208,7 +309,7 @@ impl From<&PublishOutcome> for OutcomeView {
 
 /// A stored message read back.
 #[derive(Debug, Serialize)]
-struct MessageView {
+pub(crate) struct MessageView {
     partition: u32,
     offset: u64,
     timestamp_ms: i64,
@@ -257,7 +358,7 @@ struct BatchRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchMessage {
+pub(crate) struct BatchMessage {
     body: Option<String>,
     body_base64: Option<String>,
     content_type: Option<String>,
@@ -275,22 +376,27 @@ struct Results {
 // ---------------------------------------------------------------------------------
 // Request helpers
 
-type TopicPath = Result<Path<String>, PathRejection>;
+pub(crate) type TopicPath = Result<Path<String>, PathRejection>;
 
-/// The topic name from the path, checked against `[A-Za-z0-9._-]{1,200}`.
-fn topic_name(path: TopicPath) -> Result<String, ApiError> {
-    let Path(name) = path?;
-    validate_name(&name).map_err(|_| {
+/// Checks a topic or subscription name against `[A-Za-z0-9._-]{1,200}`.
+pub(crate) fn check_name(name: &str, what: &str) -> Result<(), ApiError> {
+    validate_name(name).map_err(|_| {
         ApiError::bad_request(
             "invalid_name",
-            "topic names must match [A-Za-z0-9._-]{1,200} and not be . or ..",
+            format!("{what} names must match [A-Za-z0-9._-]{{1,200}} and not be . or .."),
         )
-    })?;
+    })
+}
+
+/// The topic name from the path, checked against `[A-Za-z0-9._-]{1,200}`.
+pub(crate) fn topic_name(path: TopicPath) -> Result<String, ApiError> {
+    let Path(name) = path?;
+    check_name(&name, "topic")?;
     Ok(name)
 }
 
 /// Reads the body, refusing it by its declared length before reading when too large.
-async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, Bytes), ApiError> {
+pub(crate) async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, Bytes), ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -324,7 +430,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Parses a JSON body. An empty body without a content type is `empty` if given.
-fn parse_json<T: DeserializeOwned>(
+pub(crate) fn parse_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
     empty: Option<T>,
@@ -422,7 +528,7 @@ fn message_from_http(headers: &HeaderMap, body: Bytes) -> Result<PublishMessage,
     })
 }
 
-fn message_from_json(i: usize, m: BatchMessage) -> Result<PublishMessage, ApiError> {
+pub(crate) fn message_from_json(i: usize, m: BatchMessage) -> Result<PublishMessage, ApiError> {
     let body = match (m.body, m.body_base64) {
         (Some(text), None) => Bytes::from(text),
         (None, Some(b64)) => Bytes::from(BASE64.decode(b64.as_bytes()).map_err(|_| {
@@ -466,7 +572,7 @@ fn message_from_json(i: usize, m: BatchMessage) -> Result<PublishMessage, ApiErr
     })
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, carebus_core::BrokerError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -475,7 +581,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
@@ -484,7 +590,11 @@ fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
 
 async fn list_topics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let broker = state.broker()?;
-    let topics: Vec<TopicView> = broker.topics().iter().map(|rt| TopicView::of(rt)).collect();
+    let topics: Vec<TopicView> = broker
+        .topics()
+        .iter()
+        .map(|rt| TopicView::of(&broker, rt))
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "topics": topics }),
@@ -493,8 +603,9 @@ async fn list_topics(State(state): State<AppState>) -> Result<Response, ApiError
 
 async fn get_topic(State(state): State<AppState>, path: TopicPath) -> Result<Response, ApiError> {
     let name = topic_name(path)?;
-    let rt = state.broker()?.topic(&name)?;
-    Ok(json_response(StatusCode::OK, &TopicView::of(&rt)))
+    let broker = state.broker()?;
+    let rt = broker.topic(&name)?;
+    Ok(json_response(StatusCode::OK, &TopicView::of(&broker, &rt)))
 }
 
 async fn put_topic(
@@ -506,13 +617,14 @@ async fn put_topic(
     let broker = state.broker()?;
     let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
     let config: TopicConfig = parse_json(&headers, &body, Some(TopicConfig::default()))?;
-    let (rt, created) = blocking(move || broker.put_topic(&name, config)).await?;
+    let b = Arc::clone(&broker);
+    let (rt, created) = blocking(move || b.put_topic(&name, config)).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let mut response = json_response(status, &TopicView::of(&rt));
+    let mut response = json_response(status, &TopicView::of(&broker, &rt));
     if created && let Ok(v) = HeaderValue::from_str(&format!("/v1/topics/{}", rt.name())) {
         response.headers_mut().insert(header::LOCATION, v);
     }
@@ -640,7 +752,7 @@ async fn find_message(
 }
 
 /// The first value of `name` in an `application/x-www-form-urlencoded` query, decoded.
-fn query_param(query: &str, name: &str) -> Option<Result<Vec<u8>, ApiError>> {
+pub(crate) fn query_param(query: &str, name: &str) -> Option<Result<Vec<u8>, ApiError>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match percent_decode(k) {

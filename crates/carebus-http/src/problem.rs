@@ -24,6 +24,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable explanation of this occurrence (never message contents).
     pub detail: String,
+    /// Extension members added to the problem document (e.g. `refused`).
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,6 +36,8 @@ struct Problem<'a> {
     status: u16,
     detail: &'a str,
     code: &'a str,
+    #[serde(flatten)]
+    extensions: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -43,7 +47,14 @@ impl ApiError {
             status,
             code,
             detail: detail.into(),
+            extensions: serde_json::Map::new(),
         }
+    }
+
+    /// Adds an extension member to the problem document.
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.extensions.insert(name.to_owned(), value);
+        self
     }
 
     /// 400 with this code.
@@ -94,6 +105,7 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             detail: &self.detail,
             code: self.code,
+            extensions: &self.extensions,
         };
         let mut response = (self.status, Json(problem)).into_response();
         response
@@ -128,9 +140,18 @@ impl From<BrokerError> for ApiError {
         }
         let code = e.code();
         let status = match code {
-            "unknown_topic" | "unknown_partition" | "offset_out_of_range" => StatusCode::NOT_FOUND,
-            "invalid_topic" | "empty_batch" | "batch_spans_partitions" => StatusCode::BAD_REQUEST,
-            "partitions_cannot_shrink" => StatusCode::CONFLICT,
+            "unknown_topic"
+            | "unknown_partition"
+            | "offset_out_of_range"
+            | "unknown_subscription"
+            | "unknown_dead_letter"
+            | "unknown_transaction" => StatusCode::NOT_FOUND,
+            "invalid_topic" | "invalid_subscription" | "empty_batch" | "batch_spans_partitions" => {
+                StatusCode::BAD_REQUEST
+            }
+            "partitions_cannot_shrink" | "transaction_aborted" => StatusCode::CONFLICT,
+            "transaction_expired" => StatusCode::GONE,
+            "too_many_transactions" => StatusCode::TOO_MANY_REQUESTS,
             "message_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             "storage_full" => StatusCode::INSUFFICIENT_STORAGE,
             _ => {
@@ -147,6 +168,13 @@ impl From<BrokerError> for ApiError {
         let detail = match &e {
             BrokerError::Log(LogError::OffsetOutOfRange { .. }) => {
                 "no message at that offset (not yet written, or removed by retention)".to_owned()
+            }
+            BrokerError::TransactionAborted { id, reason } => {
+                // The reason may quote a storage error (with file paths): log only.
+                tracing::warn!(transaction = id, reason = %reason, "transaction aborted");
+                format!(
+                    "transaction {id} could not commit and was aborted: nothing of it took effect, and the deliveries it acknowledged will be delivered again"
+                )
             }
             other => other.to_string(),
         };

@@ -133,6 +133,8 @@ pub async fn run(
         None => Ok(()),
     };
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    // Long-polls waiting for deliveries answer now (with what they have).
+    slot.close();
     let _ = stop_tx.send(true);
     let served = match http.await {
         Ok(Ok(())) => Ok(()),
