@@ -92,6 +92,9 @@ pub enum BrokerError {
         /// Why.
         reason: String,
     },
+    /// A transaction would hold more messages or bytes than allowed.
+    #[error("a transaction holds at most 10000 messages and 64 MiB of bodies")]
+    TransactionTooLarge,
     /// Too many open transactions.
     #[error("too many open transactions")]
     TooManyTransactions,
@@ -141,6 +144,7 @@ impl BrokerError {
             BrokerError::TransactionExpired(_) => "transaction_expired",
             BrokerError::TransactionAborted { .. } => "transaction_aborted",
             BrokerError::TooManyTransactions => "too_many_transactions",
+            BrokerError::TransactionTooLarge => "transaction_too_large",
             BrokerError::UnknownPartition { .. } => "unknown_partition",
             BrokerError::EmptyBatch => "empty_batch",
             BrokerError::BatchSpansPartitions(_) => "batch_spans_partitions",
@@ -694,7 +698,10 @@ impl Broker {
         name: &str,
         config: SubscriptionConfig,
     ) -> Result<(Arc<Subscription>, bool), BrokerError> {
-        crate::topic::validate_name(name).map_err(StoreError::from)?;
+        crate::topic::validate_name(name).map_err(|_| SubscriptionError::InvalidSetting {
+            field: "name",
+            reason: "must match [A-Za-z0-9._-]{1,200} and not be . or ..",
+        })?;
         config.validate()?;
         let rt = self.topic(topic)?;
         let mut subs = rt.subscriptions.write().map_err(poisoned)?;
@@ -704,10 +711,8 @@ impl Broker {
             .join(SUBSCRIPTIONS_DIR)
             .join(name);
         if let Some(existing) = subs.get(name) {
-            // Persist the new settings, keep the open state.
-            Subscription::create(Arc::clone(&rt), &dir, name, config.clone())
-                .map(drop)
-                .ok();
+            // Persist the new settings (an error is the caller's), keep the open state.
+            existing.save_config(&config)?;
             existing.set_config(config);
             return Ok((Arc::clone(existing), false));
         }
@@ -740,12 +745,15 @@ impl Broker {
     pub fn delete_subscription(&self, topic: &str, name: &str) -> Result<(), BrokerError> {
         let rt = self.topic(topic)?;
         let mut subs = rt.subscriptions.write().map_err(poisoned)?;
-        if subs.remove(name).is_none() {
+        let Some(sub) = subs.remove(name) else {
             return Err(BrokerError::UnknownSubscription {
                 topic: topic.to_owned(),
                 subscription: name.to_owned(),
             });
-        }
+        };
+        drop(subs);
+        // Waiting receivers answer at once.
+        sub.close();
         let base = self.store.topic_dir(topic).join(SUBSCRIPTIONS_DIR);
         let from = base.join(name);
         let to = base.join(format!(".deleted-{name}"));
@@ -963,7 +971,14 @@ impl Broker {
         if messages.is_empty() {
             return Err(BrokerError::EmptyBatch);
         }
+        let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
         self.with_open_txn(id, |t| {
+            let held: usize = t.publishes.iter().map(|(_, m)| m.body.len()).sum();
+            if t.publishes.len() + messages.len() > crate::txn::MAX_MESSAGES
+                || held + bytes > crate::txn::MAX_BYTES
+            {
+                return Err(BrokerError::TransactionTooLarge);
+            }
             t.publishes
                 .extend(messages.into_iter().map(|m| (topic.to_owned(), m)));
             Ok(())
@@ -983,7 +998,12 @@ impl Broker {
         let (_, refused) = sub.check_in_flight(ids)?;
         self.with_open_txn(id, |t| {
             for &d in ids {
-                if !refused.iter().any(|(r, _)| *r == d) {
+                let known = t
+                    .acks
+                    .iter()
+                    .any(|(tt, ss, x)| *x == d && tt == topic && ss == subscription);
+                // A repeated id (a client's retry) is the same ack, not a second one.
+                if !known && !refused.iter().any(|(r, _)| *r == d) {
                     t.acks.push((topic.to_owned(), subscription.to_owned(), d));
                 }
             }

@@ -199,6 +199,16 @@ pub enum SubscriptionError {
     /// No such partition.
     #[error("no partition {0}")]
     UnknownPartition(u32),
+    /// A cumulative ack past the last stored message.
+    #[error("partition {partition} ends before offset {offset} (next offset {end})")]
+    OffsetBeyondEnd {
+        /// The partition.
+        partition: u32,
+        /// The offset asked for.
+        offset: u64,
+        /// The partition's next offset.
+        end: u64,
+    },
     /// An internal lock was poisoned.
     #[error("internal error: a lock was poisoned")]
     Internal,
@@ -215,6 +225,7 @@ impl SubscriptionError {
             | SubscriptionError::Corrupt { .. } => "storage_error",
             SubscriptionError::UnknownDeadLetter(_) => "unknown_dead_letter",
             SubscriptionError::UnknownPartition(_) => "unknown_partition",
+            SubscriptionError::OffsetBeyondEnd { .. } => "offset_beyond_end",
             SubscriptionError::Internal => "internal",
         }
     }
@@ -470,8 +481,51 @@ struct Waiter {
     tx: Option<oneshot::Sender<Vec<Delivery>>>,
 }
 
+/// Unregisters a receiver's waiter when its `receive` ends in any way.
+struct WaiterGuard<'a> {
+    sub: &'a Subscription,
+    id: u64,
+    rx: Option<oneshot::Receiver<Vec<Delivery>>>,
+}
+
+impl WaiterGuard<'_> {
+    /// The batch, if dispatch has answered this waiter.
+    fn try_take(&mut self) -> Option<Vec<Delivery>> {
+        let batch = self.rx.as_mut()?.try_recv().ok()?;
+        self.rx = None;
+        Some(batch)
+    }
+
+    /// The batch if any, else nothing (the waiter must be unregistered first).
+    fn take(&mut self) -> Vec<Delivery> {
+        self.try_take().unwrap_or_default()
+    }
+
+    fn unregister(&self) {
+        if let Ok(mut s) = self.sub.state.lock() {
+            s.waiters.retain(|w| w.id != self.id);
+        }
+    }
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.unregister();
+        // Answered but never taken (the caller went away): give the deliveries back.
+        if let Some(batch) = self.try_take() {
+            if let Ok(mut s) = self.sub.state.lock() {
+                for d in batch {
+                    self.sub.release_undelivered(&mut s, d.delivery_id);
+                }
+            }
+            self.sub.changed.notify_waiters();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
+    closed: bool,
     config: SubscriptionConfig,
     parts: Vec<PartState>,
     in_flight: HashMap<u64, (u32, u64)>,
@@ -743,6 +797,7 @@ impl Subscription {
         }
         let config = file.config;
         let mut state = State {
+            closed: false,
             config,
             parts,
             in_flight: HashMap::new(),
@@ -803,7 +858,22 @@ impl Subscription {
             .unwrap_or_default()
     }
 
-    /// Replaces its settings (in memory; `create` persists them).
+    /// Persists new settings (the start offsets stay).
+    pub(crate) fn save_config(&self, config: &SubscriptionConfig) -> Result<(), SubscriptionError> {
+        let path = self.dir.join("subscription.json");
+        let mut file = read_file(&path)?.ok_or_else(|| SubscriptionError::Corrupt {
+            path: path.clone(),
+            reason: "missing".into(),
+        })?;
+        file.config = config.clone();
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| SubscriptionError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&path, &bytes)
+    }
+
+    /// Replaces its settings in memory (see `save_config`).
     pub(crate) fn set_config(&self, config: SubscriptionConfig) {
         if let Ok(mut s) = self.state.lock() {
             s.config = config;
@@ -1097,28 +1167,29 @@ impl Subscription {
     ) -> Result<(Vec<Delivery>, Vec<Compensation>), SubscriptionError> {
         let max = max.clamp(1, 1000);
         let deadline = tokio::time::Instant::now() + wait;
-        let (tx, mut rx) = oneshot::channel();
-        let waiter_id;
+        let (tx, rx) = oneshot::channel();
         let mut compensations = Vec::new();
-        {
-            let now = now_ms();
-            let to_dead = {
-                let mut s = self.state.lock().map_err(poisoned)?;
-                waiter_id = s.next_waiter;
-                s.next_waiter += 1;
-                s.waiters.push(Waiter {
-                    id: waiter_id,
-                    consumer: consumer.to_owned(),
-                    max,
-                    batch: Vec::new(),
-                    tx: Some(tx),
-                });
-                let to_dead = self.refresh(&mut s, now)?;
-                self.dispatch(&mut s, now);
-                to_dead
-            };
-            compensations.extend(self.dead_letter_all(to_dead).await?);
-        }
+        let waiter_id = {
+            let mut s = self.state.lock().map_err(poisoned)?;
+            let id = s.next_waiter;
+            s.next_waiter += 1;
+            s.waiters.push(Waiter {
+                id,
+                consumer: consumer.to_owned(),
+                max,
+                batch: Vec::new(),
+                tx: Some(tx),
+            });
+            id
+        };
+        // From here on, however this future ends (answer, error, or dropped because the
+        // client went away), the guard unregisters the waiter and gives back any
+        // deliveries that never reached the consumer.
+        let mut guard = WaiterGuard {
+            sub: self,
+            id: waiter_id,
+            rx: Some(rx),
+        };
         loop {
             let data = self.topic.new_data.notified();
             let changed = self.changed.notified();
@@ -1126,31 +1197,39 @@ impl Subscription {
             tokio::pin!(changed);
             data.as_mut().enable();
             changed.as_mut().enable();
-            if let Ok(batch) = rx.try_recv() {
-                return Ok((batch, compensations));
-            }
-            let tick = tokio::time::sleep(Duration::from_millis(25));
-            tokio::select! {
-                r = &mut rx => return Ok((r.unwrap_or_default(), compensations)),
-                () = tokio::time::sleep_until(deadline) => {
-                    let mut s = self.state.lock().map_err(poisoned)?;
-                    s.waiters.retain(|w| w.id != waiter_id);
-                    drop(s);
-                    return Ok((rx.try_recv().unwrap_or_default(), compensations));
-                }
-                () = &mut data => {}
-                () = &mut changed => {}
-                () = tick => {}
-            }
             let now = now_ms();
             let to_dead = {
                 let mut s = self.state.lock().map_err(poisoned)?;
+                if s.closed {
+                    return Ok((guard.take(), compensations));
+                }
                 let to_dead = self.refresh(&mut s, now)?;
                 self.dispatch(&mut s, now);
                 to_dead
             };
             compensations.extend(self.dead_letter_all(to_dead).await?);
+            if let Some(batch) = guard.try_take() {
+                return Ok((batch, compensations));
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(25));
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    guard.unregister();
+                    return Ok((guard.take(), compensations));
+                }
+                () = &mut data => {}
+                () = &mut changed => {}
+                () = tick => {}
+            }
         }
+    }
+
+    /// Stops the subscription: waiting receivers answer at once with nothing.
+    pub(crate) fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed = true;
+        }
+        self.changed.notify_waiters();
     }
 
     /// Validates delivery ids and marks them settling. Returns (id, p, o) accepted and refusals.
@@ -1509,13 +1588,17 @@ impl Subscription {
         partition: u32,
         upto: u64,
     ) -> Result<(), SubscriptionError> {
-        {
-            let s = self.state.lock().map_err(poisoned)?;
-            if s.parts.get(partition as usize).is_none()
-                && self.topic.partition(partition).is_none()
-            {
-                return Err(SubscriptionError::UnknownPartition(partition));
+        // Messages not yet stored cannot be acknowledged: they would never be delivered.
+        match self.topic.partition(partition).map(|l| l.next_offset()) {
+            None => return Err(SubscriptionError::UnknownPartition(partition)),
+            Some(end) if upto >= end => {
+                return Err(SubscriptionError::OffsetBeyondEnd {
+                    partition,
+                    offset: upto,
+                    end,
+                });
             }
+            Some(_) => {}
         }
         let now = now_ms();
         self.events
@@ -1531,8 +1614,10 @@ impl Subscription {
             s.parts.push(PartState::default());
         }
         let mut released = Vec::new();
+        let mut newly_acked = 0u64;
         if let Some(ps) = s.parts.get_mut(partition as usize) {
             let settled: Vec<u64> = ps.pending.range(..=upto).map(|(&o, _)| o).collect();
+            newly_acked += settled.len() as u64;
             for o in settled {
                 if let Some(p) = ps.remove_pending(o)
                     && let Status::InFlight { id, consumer, .. } = p.status
@@ -1551,6 +1636,7 @@ impl Subscription {
             s.in_flight.remove(&id);
             s.release_consumer(&consumer);
         }
+        s.acked += newly_acked;
         drop(s);
         self.changed.notify_waiters();
         Ok(())

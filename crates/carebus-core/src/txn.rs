@@ -71,6 +71,10 @@ pub(crate) struct Transactions {
 
 /// Most open transactions at once (a bound on memory).
 pub(crate) const MAX_OPEN: usize = 10_000;
+/// Most messages one transaction may publish.
+pub(crate) const MAX_MESSAGES: usize = 10_000;
+/// Most body bytes one transaction may publish (its commit is one log batch).
+pub(crate) const MAX_BYTES: usize = 64 << 20;
 /// Longest transaction timeout.
 pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 

@@ -712,3 +712,52 @@ async fn random_dispatch_spreads_over_waiting_consumers() {
         "no round gave both messages to one consumer"
     );
 }
+
+#[tokio::test]
+async fn cumulative_acks_past_the_end_are_refused_and_deleting_a_subscription_wakes_its_receivers()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(dir.path()));
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    b.put_subscription("t", "s", fast(Dispatch::RoundRobin))
+        .unwrap();
+    publish(&b, "t", "one", None).await;
+    let e = b.ack_cumulative("t", "s", 0, 1).await.unwrap_err();
+    assert_eq!(e.code(), "offset_beyond_end");
+    b.ack_cumulative("t", "s", 0, 0).await.unwrap();
+    assert_eq!(b.subscription("t", "s").unwrap().stats().backlog, 0);
+    // A receiver abandoned mid-wait (its future dropped) holds nothing afterwards.
+    let b2 = Arc::clone(&b);
+    let abandoned = tokio::spawn(async move {
+        b2.receive("t", "s", "gone", 5, Duration::from_secs(30))
+            .await
+    });
+    wait_for_waiters(&b, "s", 1).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert_eq!(b.subscription("t", "s").unwrap().waiting(), 0);
+    publish(&b, "t", "two", None).await;
+    let got = b.receive("t", "s", "here", 5, W).await.unwrap();
+    assert_eq!(got.len(), 1, "the message went to the live receiver");
+    // Deleting the subscription answers a waiting receiver at once.
+    let b3 = Arc::clone(&b);
+    let waiting =
+        tokio::spawn(async move { b3.receive("t", "s", "w", 5, Duration::from_secs(30)).await });
+    wait_for_waiters(&b, "s", 1).await;
+    let t0 = Instant::now();
+    b.delete_subscription("t", "s").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(r.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Renaming a subscription to an invalid name is refused with the subscription's code.
+    assert_eq!(
+        b.put_subscription("t", "../x", fast(Dispatch::RoundRobin))
+            .unwrap_err()
+            .code(),
+        "invalid_subscription"
+    );
+}

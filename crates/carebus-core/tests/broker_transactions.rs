@@ -219,3 +219,35 @@ async fn a_crash_at_every_step_of_a_commit_gives_all_or_nothing() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_repeated_ack_in_a_transaction_is_one_ack_and_sizes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, d) = setup(dir.path()).await;
+    let txn = b.begin_transaction(Duration::from_secs(30)).unwrap();
+    b.transaction_ack(txn, "hl7.oru", "transformer", &[d.delivery_id])
+        .unwrap();
+    b.transaction_ack(txn, "hl7.oru", "transformer", &[d.delivery_id])
+        .unwrap();
+    b.commit_transaction(txn).await.unwrap();
+    assert!(
+        b.receive(
+            "hl7.oru",
+            "transformer",
+            "t1",
+            1,
+            Duration::from_millis(100)
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    let txn = b.begin_transaction(Duration::from_secs(30)).unwrap();
+    let big = vec![PublishMessage::new(vec![0u8; 40 << 20])];
+    b.transaction_publish(txn, "fhir.observation", big.clone())
+        .unwrap();
+    let e = b
+        .transaction_publish(txn, "fhir.observation", big)
+        .unwrap_err();
+    assert_eq!(e.code(), "transaction_too_large");
+}

@@ -149,10 +149,12 @@ impl From<BrokerError> for ApiError {
             "invalid_topic" | "invalid_subscription" | "empty_batch" | "batch_spans_partitions" => {
                 StatusCode::BAD_REQUEST
             }
-            "partitions_cannot_shrink" | "transaction_aborted" => StatusCode::CONFLICT,
+            "partitions_cannot_shrink" | "transaction_aborted" | "offset_beyond_end" => {
+                StatusCode::CONFLICT
+            }
             "transaction_expired" => StatusCode::GONE,
             "too_many_transactions" => StatusCode::TOO_MANY_REQUESTS,
-            "message_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large" | "transaction_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             "storage_full" => StatusCode::INSUFFICIENT_STORAGE,
             _ => {
                 // Storage, index and internal failures: full error in the log only.
