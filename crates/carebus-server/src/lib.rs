@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub log: LogConfig,
     /// Largest HTTP request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// Where HL7 v2 over MLLP is accepted (`None`: no MLLP listener; port 0 picks a
+    /// free port, logged as `mllp listening`).
+    pub mllp_addr: Option<SocketAddr>,
 }
 
 /// Why the server stopped with an error.
@@ -120,9 +123,32 @@ pub async fn run(
             match broker.finish_recovery().await {
                 Ok(n) => {
                     tracing::info!(transactions = n, "transaction recovery done");
-                    slot.set(Arc::new(broker));
+                    let broker = Arc::new(broker);
+                    // MLLP starts once the broker can store: an ACK is only ever sent
+                    // for a stored message.
+                    let mllp = match config.mllp_addr {
+                        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                            Ok(listener) => {
+                                let bound = listener.local_addr().map_err(ServerError::Http)?;
+                                tracing::info!(addr = %bound, "mllp listening");
+                                let stats = Arc::new(carebus_mllp::IngressStats::default());
+                                Some(tokio::spawn(carebus_mllp::serve(
+                                    listener,
+                                    Arc::clone(&broker),
+                                    carebus_mllp::IngressConfig::default(),
+                                    stats,
+                                )))
+                            }
+                            Err(source) => return Err(ServerError::Bind { addr, source }),
+                        },
+                        None => None,
+                    };
+                    slot.set(broker);
                     tracing::info!("ready");
                     let _ = (&mut shutdown).await;
+                    if let Some(task) = mllp {
+                        task.abort();
+                    }
                     Ok(())
                 }
                 Err(e) => Err(ServerError::Broker(e)),

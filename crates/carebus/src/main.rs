@@ -42,6 +42,13 @@ struct ServeArgs {
     /// (faster; a machine crash can lose acknowledged messages of that last interval).
     #[arg(long, default_value = "always", env = "CAREBUS_FSYNC")]
     fsync: String,
+    /// Address of the HL7 v2 MLLP listener (port 0 picks a free port; the chosen one
+    /// is logged as `mllp listening`).
+    #[arg(long, default_value = "127.0.0.1:2575", env = "CAREBUS_MLLP_ADDR")]
+    mllp_addr: SocketAddr,
+    /// Do not listen for MLLP.
+    #[arg(long, env = "CAREBUS_NO_MLLP")]
+    no_mllp: bool,
     /// Largest HTTP request body accepted, in bytes (larger ones are answered 413).
     #[arg(long, default_value_t = carebus_server::DEFAULT_MAX_BODY_BYTES, env = "CAREBUS_MAX_BODY_BYTES", value_parser = parse_max_body)]
     max_body_bytes: usize,
@@ -112,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                     ..carebus_log::LogConfig::default()
                 },
                 max_body_bytes: args.max_body_bytes,
+                mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
             };
             tracing::info!(
                 data_dir = %config.data_dir.display(),

@@ -41,6 +41,8 @@ impl Server {
                 "serve",
                 "--http-addr",
                 "127.0.0.1:0",
+                "--mllp-addr",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(data_dir)
