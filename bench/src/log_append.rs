@@ -87,6 +87,7 @@ pub fn run(
         hist.add(part)?;
     }
     let stats = LogStats {
+        fsync_buckets: std::array::from_fn(|i| after.fsync_buckets[i] - before.fsync_buckets[i]),
         batches: after.batches - before.batches,
         records: after.records - before.records,
         fsyncs: after.fsyncs - before.fsyncs,

@@ -5,9 +5,8 @@
 //! are topic, subscription and partition names, the route *template* (never the raw
 //! path), the method (a fixed set) and the status: nothing from message contents.
 //!
-//! Storage figures cover the topics' partition logs (their writer counters). The log
-//! keeps only fsync totals, so there is no fsync latency histogram — only the count
-//! and the total time (their ratio is the mean).
+//! Storage figures cover the topics' partition logs (their writer counters), including
+//! a histogram of fdatasync latency per partition log.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -332,6 +331,46 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
                     f(p),
                 );
             }
+        }
+    }
+
+    // fdatasync latency, per partition log, as a Prometheus histogram.
+    let name = "carebus_storage_fsync_duration_seconds";
+    w.family(
+        name,
+        "histogram",
+        "Latency of the partition log's fdatasync calls.",
+    );
+    for t in &topics {
+        for p in &t.partitions {
+            let labels = [
+                ("topic", t.name.as_str()),
+                ("partition", p.partition.as_str()),
+            ];
+            let mut cumulative = 0u64;
+            for (bound, n) in carebus_log::FSYNC_BUCKETS_MICROS
+                .iter()
+                .zip(p.stats.fsync_buckets)
+            {
+                cumulative += n;
+                let le = format!("{}", *bound as f64 / 1e6);
+                w.sample(
+                    &format!("{name}_bucket"),
+                    &[labels[0], labels[1], ("le", &le)],
+                    cumulative,
+                );
+            }
+            w.sample(
+                &format!("{name}_bucket"),
+                &[labels[0], labels[1], ("le", "+Inf")],
+                p.stats.fsyncs,
+            );
+            w.sample(
+                &format!("{name}_sum"),
+                &labels,
+                format!("{:.6}", p.stats.fsync_micros as f64 / 1e6),
+            );
+            w.sample(&format!("{name}_count"), &labels, p.stats.fsyncs);
         }
     }
 

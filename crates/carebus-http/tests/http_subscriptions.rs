@@ -1106,6 +1106,25 @@ async fn metrics_are_prometheus_text_and_move_with_the_traffic() {
     assert!(value(&m, "carebus_storage_fsyncs_total", &t) >= 1.0);
     assert!(value(&m, "carebus_storage_fsync_seconds_total", &t) >= 0.0);
     assert_eq!(value(&m, "carebus_storage_records_total", &t), 2.0);
+    // The fdatasync histogram: count = fsyncs, +Inf bucket = count, buckets cumulative.
+    let fsyncs = value(&m, "carebus_storage_fsyncs_total", &t);
+    assert_eq!(
+        value(&m, "carebus_storage_fsync_duration_seconds_count", &t),
+        fsyncs
+    );
+    let inf = [("topic", "t"), ("le", "+Inf")];
+    assert_eq!(
+        value(&m, "carebus_storage_fsync_duration_seconds_bucket", &inf),
+        fsyncs
+    );
+    let one_second = [("topic", "t"), ("le", "1")];
+    assert!(
+        value(
+            &m,
+            "carebus_storage_fsync_duration_seconds_bucket",
+            &one_second
+        ) <= fsyncs
+    );
     let s = [("topic", "t"), ("subscription", "s")];
     assert_eq!(value(&m, "carebus_subscription_delivered_total", &s), 2.0);
     assert_eq!(value(&m, "carebus_subscription_acked_total", &s), 1.0);

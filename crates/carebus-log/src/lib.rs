@@ -213,9 +213,18 @@ pub struct RetentionReport {
     pub start_offset: u64,
 }
 
+/// Upper bounds (µs) of the fdatasync latency histogram's buckets.
+pub const FSYNC_BUCKETS_MICROS: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
+
 /// Counters about the writer, for metrics and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
+    /// fdatasync calls per latency bucket (not cumulative): `fsync_buckets[i]` counts
+    /// calls that took at most `FSYNC_BUCKETS_MICROS[i]` and more than the bucket
+    /// before; calls slower than the last bound are only in `fsyncs`.
+    pub fsync_buckets: [u64; FSYNC_BUCKETS_MICROS.len()],
     /// Batches appended.
     pub batches: u64,
     /// Records appended.
@@ -230,6 +239,7 @@ pub struct LogStats {
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    pub(crate) fsync_buckets: [AtomicU64; FSYNC_BUCKETS_MICROS.len()],
     pub(crate) batches: AtomicU64,
     pub(crate) records: AtomicU64,
     pub(crate) fsyncs: AtomicU64,
@@ -509,6 +519,11 @@ impl Log {
     pub fn stats(&self) -> LogStats {
         let c = &self.shared.counters;
         LogStats {
+            fsync_buckets: std::array::from_fn(|i| {
+                c.fsync_buckets
+                    .get(i)
+                    .map_or(0, |b| b.load(Ordering::Relaxed))
+            }),
             batches: c.batches.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),

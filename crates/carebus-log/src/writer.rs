@@ -88,6 +88,15 @@ fn fdatasync(shared: &Shared, file: &std::fs::File, path: &std::path::Path) -> R
     let r = file.sync_data();
     let c = &shared.counters;
     c.fsyncs.fetch_add(1, Ordering::Relaxed);
+    let micros = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+    if let Some(i) = crate::FSYNC_BUCKETS_MICROS
+        .iter()
+        .position(|&b| micros <= b)
+    {
+        if let Some(bucket) = c.fsync_buckets.get(i) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     c.fsync_micros.fetch_add(
         u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
         Ordering::Relaxed,
