@@ -89,18 +89,14 @@ fn fdatasync(shared: &Shared, file: &std::fs::File, path: &std::path::Path) -> R
     let c = &shared.counters;
     c.fsyncs.fetch_add(1, Ordering::Relaxed);
     let micros = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-    if let Some(i) = crate::FSYNC_BUCKETS_MICROS
+    if let Some(bucket) = crate::FSYNC_BUCKETS_MICROS
         .iter()
         .position(|&b| micros <= b)
+        .and_then(|i| c.fsync_buckets.get(i))
     {
-        if let Some(bucket) = c.fsync_buckets.get(i) {
-            bucket.fetch_add(1, Ordering::Relaxed);
-        }
+        bucket.fetch_add(1, Ordering::Relaxed);
     }
-    c.fsync_micros.fetch_add(
-        u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
+    c.fsync_micros.fetch_add(micros, Ordering::Relaxed);
     r.map_err(|e| {
         let err = LogError::io("fdatasync", path, e);
         poison(shared, err.to_string());
