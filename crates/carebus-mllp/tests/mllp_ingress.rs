@@ -19,16 +19,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn fixture(kind: &str, name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hl7").join(kind).join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/hl7")
+        .join(kind)
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn fixtures(kind: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hl7").join(kind);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/hl7")
+        .join(kind);
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -48,8 +58,19 @@ async fn start(config: IngressConfig) -> Fixture {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(IngressStats::default());
-    let task = tokio::spawn(serve(listener, Arc::clone(&broker), config, Arc::clone(&stats)));
-    Fixture { _dir: dir, broker, addr, stats, task }
+    let task = tokio::spawn(serve(
+        listener,
+        Arc::clone(&broker),
+        config,
+        Arc::clone(&stats),
+    ));
+    Fixture {
+        _dir: dir,
+        broker,
+        addr,
+        stats,
+        task,
+    }
 }
 
 impl Drop for Fixture {
@@ -69,7 +90,10 @@ async fn read_reply(s: &mut TcpStream) -> Vec<u8> {
             assert_eq!(buf.first(), Some(&0x0b), "reply not framed");
             return buf[1..end].to_vec();
         }
-        let n = tokio::time::timeout_at(deadline, s.read(&mut byte)).await.expect("no reply in time").unwrap();
+        let n = tokio::time::timeout_at(deadline, s.read(&mut byte))
+            .await
+            .expect("no reply in time")
+            .unwrap();
         assert!(n > 0, "connection closed without a reply");
         buf.extend_from_slice(&byte[..n]);
     }
@@ -84,7 +108,11 @@ async fn send(addr: std::net::SocketAddr, message: &[u8]) -> Vec<u8> {
 fn stored_count(b: &Broker) -> usize {
     b.topics()
         .iter()
-        .map(|t| (0..t.topic().config.partitions).map(|p| b.read(t.name(), p, 0, 10_000).unwrap().len()).sum::<usize>())
+        .map(|t| {
+            (0..t.topic().config.partitions)
+                .map(|p| b.read(t.name(), p, 0, 10_000).unwrap().len())
+                .sum::<usize>()
+        })
         .sum()
 }
 
@@ -97,19 +125,36 @@ async fn every_sample_is_stored_once_and_a_resend_gets_the_same_ack() {
         let reply = send(f.addr, bytes).await;
         let ack = parse_ack(&reply).unwrap_or_else(|e| panic!("{name}: unreadable ACK: {e}"));
         let msg = Message::parse(bytes).unwrap();
-        assert!(matches!(ack.code, AckCode::AA | AckCode::CA), "{name}: {:?}", ack.code);
-        assert_eq!(ack.acknowledged_control_id, msg.control_id().unwrap().raw(), "{name}: MSA-2");
+        assert!(
+            matches!(ack.code, AckCode::AA | AckCode::CA),
+            "{name}: {:?}",
+            ack.code
+        );
+        assert_eq!(
+            ack.acknowledged_control_id,
+            msg.control_id().unwrap().raw(),
+            "{name}: MSA-2"
+        );
         first_acks.push(reply);
     }
     // conflicting_resend repeats adt_a01_admit's key with another body: not stored.
     let expected_stored = valid.len() - 1;
     assert_eq!(stored_count(&f.broker), expected_stored);
     assert_eq!(f.stats.conflicts.load(Ordering::Relaxed), 1);
-    let admit = valid.iter().position(|(n, _)| n == "adt_a01_admit.hl7").unwrap();
-    let conflict = valid.iter().position(|(n, _)| n == "conflicting_resend.hl7").unwrap();
+    let admit = valid
+        .iter()
+        .position(|(n, _)| n == "adt_a01_admit.hl7")
+        .unwrap();
+    let conflict = valid
+        .iter()
+        .position(|(n, _)| n == "conflicting_resend.hl7")
+        .unwrap();
     // adt_a01_admit is sent before conflicting_resend (alphabetical order), so the
     // conflicting resend gets admit's stored ACK.
-    assert_eq!(first_acks[conflict], first_acks[admit], "a conflicting resend gets the first copy's ACK");
+    assert_eq!(
+        first_acks[conflict], first_acks[admit],
+        "a conflicting resend gets the first copy's ACK"
+    );
     // Everything again: byte-identical ACKs, nothing stored.
     for ((name, bytes), first) in valid.iter().zip(&first_acks) {
         let reply = send(f.addr, bytes).await;
@@ -117,18 +162,36 @@ async fn every_sample_is_stored_once_and_a_resend_gets_the_same_ack() {
     }
     assert_eq!(stored_count(&f.broker), expected_stored);
     // Routing: one topic per message type (MSH-9.1, lower case).
-    let mut names: Vec<String> = f.broker.topics().iter().map(|t| t.name().to_owned()).collect();
+    let mut names: Vec<String> = f
+        .broker
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .collect();
     names.sort();
     let mut expected: Vec<String> = valid
         .iter()
-        .map(|(_, b)| format!("hl7.{}", Message::parse(b).unwrap().message_type().unwrap().as_str().unwrap().to_lowercase()))
+        .map(|(_, b)| {
+            format!(
+                "hl7.{}",
+                Message::parse(b)
+                    .unwrap()
+                    .message_type()
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+            )
+        })
         .collect();
     expected.sort();
     expected.dedup();
     assert_eq!(names, expected);
     assert!(names.contains(&"hl7.adt".to_owned()) && names.contains(&"hl7.oru".to_owned()));
     // Stored byte for byte.
-    let orm: Vec<_> = (0..4).flat_map(|p| f.broker.read("hl7.orm", p, 0, 10).unwrap()).collect();
+    let orm: Vec<_> = (0..4)
+        .flat_map(|p| f.broker.read("hl7.orm", p, 0, 10).unwrap())
+        .collect();
     assert_eq!(orm.len(), 1);
     assert_eq!(&orm[0].body[..], &fixture("valid", "orm_o01_order.hl7")[..]);
 }
@@ -139,8 +202,18 @@ async fn invalid_samples_get_a_negative_ack_and_store_nothing() {
     for (name, bytes) in fixtures("invalid") {
         let reply = send(f.addr, &bytes).await;
         let ack = parse_ack(&reply).unwrap_or_else(|e| panic!("{name}: unreadable NAK: {e}"));
-        assert!(matches!(ack.code, AckCode::AR | AckCode::CR | AckCode::AE | AckCode::CE), "{name}: {:?}", ack.code);
-        assert!(!ack.errors.is_empty() || ack.text.is_some(), "{name}: no reason given");
+        assert!(
+            matches!(
+                ack.code,
+                AckCode::AR | AckCode::CR | AckCode::AE | AckCode::CE
+            ),
+            "{name}: {:?}",
+            ack.code
+        );
+        assert!(
+            !ack.errors.is_empty() || ack.text.is_some(),
+            "{name}: no reason given"
+        );
     }
     assert_eq!(stored_count(&f.broker), 0);
     // Random binary can hold several frame markers: at least one refusal per sample.
@@ -167,7 +240,9 @@ async fn split_joined_and_noisy_frames_are_all_answered_in_order() {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let r = read_reply(&mut s).await;
-        ids.push(String::from_utf8_lossy(parse_ack(&r).unwrap().acknowledged_control_id).into_owned());
+        ids.push(
+            String::from_utf8_lossy(parse_ack(&r).unwrap().acknowledged_control_id).into_owned(),
+        );
     }
     // The third frame ends when the sender closes its side.
     s.shutdown().await.unwrap();
@@ -175,34 +250,54 @@ async fn split_joined_and_noisy_frames_are_all_answered_in_order() {
     ids.push(String::from_utf8_lossy(parse_ack(&r).unwrap().acknowledged_control_id).into_owned());
     let expected: Vec<String> = [&a, &b, &c]
         .iter()
-        .map(|m| String::from_utf8_lossy(Message::parse(m).unwrap().control_id().unwrap().raw()).into_owned())
+        .map(|m| {
+            String::from_utf8_lossy(Message::parse(m).unwrap().control_id().unwrap().raw())
+                .into_owned()
+        })
         .collect();
     assert_eq!(ids, expected);
     // One patient: one partition, in order.
-    let adt: Vec<_> = (0..4).flat_map(|p| f.broker.read("hl7.adt", p, 0, 10).unwrap()).collect();
+    let adt: Vec<_> = (0..4)
+        .flat_map(|p| f.broker.read("hl7.adt", p, 0, 10).unwrap())
+        .collect();
     assert_eq!(adt.len(), 3);
-    assert!(adt.windows(2).all(|w| w[0].partition == w[1].partition && w[0].offset < w[1].offset));
+    assert!(
+        adt.windows(2)
+            .all(|w| w[0].partition == w[1].partition && w[0].offset < w[1].offset)
+    );
     assert_eq!(&adt[0].body[..], &a[..]);
     assert_eq!(&adt[2].body[..], &c[..]);
 }
 
 #[tokio::test]
 async fn an_oversized_frame_is_refused_and_the_listener_keeps_serving() {
-    let f = start(IngressConfig { max_frame_bytes: 4096, ..IngressConfig::default() }).await;
+    let f = start(IngressConfig {
+        max_frame_bytes: 4096,
+        ..IngressConfig::default()
+    })
+    .await;
     let mut big = fixture("valid", "oru_r01_cbc.hl7");
     big.extend(std::iter::repeat_n(b'X', 10_000));
     let reply = send(f.addr, &big).await;
     assert_eq!(parse_ack(&reply).unwrap().code, AckCode::AR);
     assert_eq!(stored_count(&f.broker), 0);
     let ok = send(f.addr, &fixture("valid", "oru_r01_cbc.hl7")).await;
-    assert!(matches!(parse_ack(&ok).unwrap().code, AckCode::AA | AckCode::CA));
+    assert!(matches!(
+        parse_ack(&ok).unwrap().code,
+        AckCode::AA | AckCode::CA
+    ));
     // Random bytes on the port: no crash, the next client is served.
     let mut s = TcpStream::connect(f.addr).await.unwrap();
-    s.write_all(&[0x0b, 0xff, 0x00, 0x1c, 0x0d, 0x42]).await.unwrap();
+    s.write_all(&[0x0b, 0xff, 0x00, 0x1c, 0x0d, 0x42])
+        .await
+        .unwrap();
     let junk = read_reply(&mut s).await;
     assert!(matches!(parse_ack(&junk).unwrap().code, AckCode::AR));
     let ok = send(f.addr, &fixture("valid", "oru_r01_critical_potassium.hl7")).await;
-    assert!(matches!(parse_ack(&ok).unwrap().code, AckCode::AA | AckCode::CA));
+    assert!(matches!(
+        parse_ack(&ok).unwrap().code,
+        AckCode::AA | AckCode::CA
+    ));
 }
 
 #[tokio::test]
