@@ -1,7 +1,8 @@
 //! MLLP framing: `0x0B` message `0x1C 0x0D`.
 //!
 //! The decoder reassembles frames split across reads and yields several frames from one
-//! read; it skips bytes outside frames (reported, not lost silently), accepts a frame
+//! read; it skips bytes outside frames (reported, not lost silently) and a frame cut
+//! short by a new start byte, accepts a frame
 //! whose final `0x0D` is missing when the next frame starts right away or the
 //! connection ends, and refuses a frame longer than its limit.
 
@@ -74,12 +75,22 @@ impl Decoder for MllpCodec {
         if src.is_empty() {
             return Ok(None);
         }
-        // src[0] == START: look for END after what was already scanned.
+        // src[0] == START: look for END after what was already scanned. A second START
+        // before any END means the sender restarted (its frame was cut): the partial
+        // frame is dropped (reported as skipped) and decoding resumes at the new START.
         let from = self.scanned.max(1);
-        let Some(rel) = src
+        let marker = src
             .get(from..)
-            .and_then(|rest| rest.iter().position(|&b| b == END))
-        else {
+            .and_then(|rest| rest.iter().position(|&b| b == END || b == START));
+        if let Some(rel) = marker
+            && src.get(from + rel) == Some(&START)
+        {
+            let skip = from + rel;
+            src.advance(skip);
+            self.scanned = 0;
+            return Ok(Some(Frame::Skipped(skip)));
+        }
+        let Some(rel) = marker else {
             self.scanned = src.len();
             if src.len().saturating_sub(1) > self.max_frame {
                 self.scanned = 0;
@@ -215,6 +226,14 @@ mod tests {
             frames,
             vec![Frame::Skipped(4), msg("A"), Frame::Skipped(2), msg("B")]
         );
+    }
+
+    #[test]
+    fn a_frame_cut_short_by_a_new_start_is_dropped_and_the_new_one_read() {
+        let wire = [b"\x0bMSH|cut".to_vec(), frame(b"MSH|whole")].concat();
+        let (frames, err) = decode_all(&[&wire], 100);
+        assert!(err.is_none());
+        assert_eq!(frames, vec![Frame::Skipped(8), msg("MSH|whole")]);
     }
 
     #[test]
