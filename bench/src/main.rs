@@ -7,6 +7,7 @@ mod core_broker;
 mod dedup_memory;
 mod disk;
 mod log_append;
+mod mllp_ingest;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,18 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         consumers: usize,
     },
+    /// HL7 v2 over MLLP ingest with ACK after fsync, 1 and 16 connections.
+    Mllp {
+        /// Directory on the filesystem to measure (a temporary directory is made inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Seconds before each measurement starts.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+    },
     /// Memory per key of the deduplication index (its own count and RSS growth),
     /// insert and lookup rates; everything stays in memory.
     DedupMemory {
@@ -76,6 +89,31 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Mllp {
+            dir,
+            seconds,
+            warmup,
+        } => {
+            let work = tempfile::Builder::new()
+                .prefix("carebus-bench-")
+                .tempdir_in(&dir)?;
+            let (w, d) = (
+                Duration::from_secs(warmup),
+                Duration::from_secs(seconds.max(1)),
+            );
+            let mut runs = Vec::new();
+            for connections in [1usize, 16] {
+                std::process::Command::new("sync").status()?;
+                runs.push(mllp_ingest::run(
+                    &work.path().join(format!("mllp-{connections}")),
+                    connections,
+                    w,
+                    d,
+                )?);
+            }
+            println!("{}", mllp_ingest::report(&runs));
+            Ok(())
+        }
         Command::Core {
             dir,
             seconds,
