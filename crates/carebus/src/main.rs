@@ -1,14 +1,18 @@
 //! The `carebus` command.
 
+mod commands;
+mod output;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// carebus: an exactly-once message broker for clinical data.
 #[derive(Debug, Parser)]
-#[command(name = "carebus", version, about)]
+#[command(name = "carebus", version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "CAREBUS_LOG_FORMAT")]
@@ -23,10 +27,43 @@ enum LogFormat {
     Json,
 }
 
+/// Exit codes of the client commands, shown in `--help`.
+const EXIT_CODES: &str = "\
+Client commands find the server from --url or CAREBUS_URL (default http://127.0.0.1:7070).
+
+Exit codes:
+  0  ok
+  1  usage or other error
+  2  command-line usage error (unknown flag, missing argument)
+  3  server unreachable (connection refused, timeout, reset)
+  4  not found (topic, subscription, message, dead letter)
+  5  conflict or refusal (exists already, idempotency key reused with another body,
+     stale delivery, partitions cannot shrink)
+  6  server-side error (HTTP 5xx, including not_ready and storage_full)";
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker with its embedded store.
     Serve(ServeArgs),
+    /// Topics: list, get, create, update, delete.
+    #[command(after_help = EXIT_CODES)]
+    Topics(commands::TopicsCmd),
+    /// Subscriptions of a topic: list, get, create, update, delete.
+    #[command(visible_alias = "subs", after_help = EXIT_CODES)]
+    Subscriptions(commands::SubscriptionsCmd),
+    /// Publish messages (from an argument, standard input or files), with retries that
+    /// never store a message twice.
+    #[command(after_help = EXIT_CODES)]
+    Produce(commands::ProduceCmd),
+    /// Receive a subscription's messages, print them and acknowledge them.
+    #[command(after_help = EXIT_CODES)]
+    Consume(commands::ConsumeCmd),
+    /// Dead letters of a subscription: list, replay, discard.
+    #[command(after_help = EXIT_CODES)]
+    Dlq(commands::DlqCmd),
+    /// Where a message is in every subscription of its topic.
+    #[command(after_help = EXIT_CODES)]
+    Trace(commands::TraceCmd),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,9 +112,9 @@ fn parse_fsync(s: &str) -> anyhow::Result<carebus_log::FsyncPolicy> {
     ))
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAREBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -105,38 +142,92 @@ async fn shutdown_signal() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let fsync = parse_fsync(&args.fsync)?;
-            let config = carebus_server::ServerConfig {
-                data_dir: args.data_dir,
-                http_addr: args.http_addr,
-                log: carebus_log::LogConfig {
-                    fsync,
-                    ..carebus_log::LogConfig::default()
-                },
-                max_body_bytes: args.max_body_bytes,
-                mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
-            };
-            tracing::info!(
-                data_dir = %config.data_dir.display(),
-                http_addr = %config.http_addr,
-                fsync = %args.fsync,
-                max_body_bytes = config.max_body_bytes,
-                "starting carebus"
-            );
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime
-                .block_on(carebus_server::run(config, shutdown_signal(), None))
-                .context("carebus serve failed")?;
-            tracing::info!("stopped cleanly");
-            Ok(())
+            init_logging(cli.log_format, "info");
+            match serve(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // As `fn main() -> anyhow::Result<()>` reports it.
+                    eprintln!("Error: {e:?}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        command => {
+            init_logging(cli.log_format, "warn");
+            ExitCode::from(client_command(command))
         }
     }
+}
+
+/// Runs a client command and returns its exit code (see [`EXIT_CODES`]).
+fn client_command(command: Command) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return output::exit::ERROR;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Serve(_) => Ok(output::exit::ERROR),
+            Command::Topics(c) => commands::topics(c).await,
+            Command::Subscriptions(c) => commands::subscriptions(c).await,
+            Command::Produce(c) => commands::produce(c).await,
+            Command::Consume(c) => commands::consume(c).await,
+            Command::Dlq(c) => commands::dlq(c).await,
+            Command::Trace(c) => commands::trace(c).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return output::exit::OK;
+            }
+            eprintln!("error: {e:#}");
+            output::exit_code(&e)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let fsync = parse_fsync(&args.fsync)?;
+    let config = carebus_server::ServerConfig {
+        data_dir: args.data_dir,
+        http_addr: args.http_addr,
+        log: carebus_log::LogConfig {
+            fsync,
+            ..carebus_log::LogConfig::default()
+        },
+        max_body_bytes: args.max_body_bytes,
+        mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
+    };
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        http_addr = %config.http_addr,
+        fsync = %args.fsync,
+        max_body_bytes = config.max_body_bytes,
+        "starting carebus"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime
+        .block_on(carebus_server::run(config, shutdown_signal(), None))
+        .context("carebus serve failed")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
 }
