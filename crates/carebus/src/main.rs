@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// carebus: an exactly-once message broker for clinical data.
 #[derive(Debug, Parser)]
@@ -68,6 +69,11 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// A TOML file with any of the settings below (keys: data_dir, http_addr,
+    /// mllp_addr, mllp (true/false), fsync, max_body_bytes). Precedence: command-line
+    /// flag, then environment variable, then this file, then the built-in default.
+    #[arg(long, env = "CAREBUS_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory of the embedded store.
     #[arg(long, default_value = "./carebus-data", env = "CAREBUS_DATA_DIR")]
     data_dir: PathBuf,
@@ -143,11 +149,16 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Serve(args) => {
             init_logging(cli.log_format, "info");
-            match serve(args) {
+            let serve_matches = matches.subcommand_matches("serve");
+            match apply_config_file(args, serve_matches).and_then(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // As `fn main() -> anyhow::Result<()>` reports it.
@@ -202,6 +213,60 @@ fn client_command(command: Command) -> u8 {
     }
 }
 
+/// Settings a `--config` TOML file may hold.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http_addr: Option<SocketAddr>,
+    mllp_addr: Option<SocketAddr>,
+    mllp: Option<bool>,
+    fsync: Option<String>,
+    max_body_bytes: Option<usize>,
+}
+
+/// Fills every setting that was left at its built-in default (neither a flag nor an
+/// environment variable) from the `--config` file, if one is given.
+fn apply_config_file(
+    mut args: ServeArgs,
+    matches: Option<&ArgMatches>,
+) -> anyhow::Result<ServeArgs> {
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let file: FileConfig =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    let defaulted = |id: &str| {
+        matches.is_none_or(|m| matches!(m.value_source(id), None | Some(ValueSource::DefaultValue)))
+    };
+    if let (true, Some(v)) = (defaulted("data_dir"), file.data_dir) {
+        args.data_dir = v;
+    }
+    if let (true, Some(v)) = (defaulted("http_addr"), file.http_addr) {
+        args.http_addr = v;
+    }
+    if let (true, Some(v)) = (defaulted("mllp_addr"), file.mllp_addr) {
+        args.mllp_addr = v;
+    }
+    if let (true, Some(on)) = (defaulted("no_mllp"), file.mllp) {
+        args.no_mllp = !on;
+    }
+    if let (true, Some(v)) = (defaulted("fsync"), file.fsync) {
+        args.fsync = v;
+    }
+    if let (true, Some(v)) = (defaulted("max_body_bytes"), file.max_body_bytes) {
+        anyhow::ensure!(
+            v > 0,
+            "max_body_bytes in {} must be at least 1",
+            path.display()
+        );
+        args.max_body_bytes = v;
+    }
+    Ok(args)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fsync = parse_fsync(&args.fsync)?;
     let config = carebus_server::ServerConfig {
@@ -214,9 +279,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
     };
+    // The effective configuration (it holds no secrets).
     tracing::info!(
+        config_file = %args.config.as_deref().map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
         data_dir = %config.data_dir.display(),
         http_addr = %config.http_addr,
+        mllp_addr = %config.mllp_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         fsync = %args.fsync,
         max_body_bytes = config.max_body_bytes,
         "starting carebus"

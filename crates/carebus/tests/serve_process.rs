@@ -60,3 +60,107 @@ fn bad_flags_give_a_clear_error_and_a_non_zero_exit() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Publishes a 200-byte body to a fresh topic and returns (status, reply).
+fn publish_200_bytes(server: &Server) -> (u16, String) {
+    let (code, _) = curl(&["-s", "-X", "PUT", &server.url("/v1/topics/cfg")]);
+    assert!(code == 201 || code == 200, "topic create: {code}");
+    curl(&[
+        "-s",
+        "-X",
+        "POST",
+        "--data-binary",
+        &"x".repeat(200),
+        &server.url("/v1/topics/cfg/messages"),
+    ])
+}
+
+#[test]
+fn a_config_file_fills_what_flags_and_environment_leave_at_their_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("carebus.toml");
+    std::fs::write(&file, "max_body_bytes = 100\nfsync = \"50ms\"\n").unwrap();
+    let cfg = file.to_str().unwrap();
+
+    // File only: the 100-byte limit and the interval policy apply.
+    let server = Server::start(&dir.path().join("a"), &["--config", cfg]);
+    server.wait_status("/readyz", 200, Duration::from_secs(30));
+    assert_eq!(publish_200_bytes(&server).0, 413);
+    let (code, body) = curl(&[
+        "-s",
+        "-X",
+        "POST",
+        "--data-binary",
+        "small",
+        &server.url("/v1/topics/cfg/messages"),
+    ]);
+    assert_eq!(code, 201);
+    assert!(body.contains("\"buffered\""), "{body}");
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // The environment beats the file.
+    let server = Server::start_with_env(
+        &dir.path().join("b"),
+        &["--config", cfg],
+        &[("CAREBUS_MAX_BODY_BYTES", "1000")],
+    );
+    server.wait_status("/readyz", 200, Duration::from_secs(30));
+    assert_eq!(publish_200_bytes(&server).0, 201);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // A flag beats the environment and the file.
+    let server = Server::start_with_env(
+        &dir.path().join("c"),
+        &["--config", cfg, "--max-body-bytes", "150"],
+        &[("CAREBUS_MAX_BODY_BYTES", "1000")],
+    );
+    server.wait_status("/readyz", 200, Duration::from_secs(30));
+    assert_eq!(publish_200_bytes(&server).0, 413);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // The effective configuration is logged at start.
+    {
+        use std::io::{BufRead, BufReader};
+        let mut child = carebus()
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--mllp-addr",
+                "127.0.0.1:0",
+                "--config",
+                cfg,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("d"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let started = lines
+            .take(50)
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .find(|v| v["fields"]["message"] == "starting carebus")
+            .expect("no 'starting carebus' log line");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(started["fields"]["max_body_bytes"], 100);
+        assert_eq!(started["fields"]["fsync"], "50ms");
+        assert_eq!(started["fields"]["config_file"], cfg);
+    }
+
+    // An unknown key or a missing file is a clear error and a non-zero exit.
+    std::fs::write(&file, "max_body_bytez = 1\n").unwrap();
+    let out = carebus().args(["serve", "--config", cfg]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config file"));
+    let out = carebus()
+        .args(["serve", "--config", "/nonexistent/carebus.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the config file"));
+}
