@@ -6,6 +6,7 @@
 mod core_broker;
 mod dedup_memory;
 mod disk;
+mod http_api;
 mod log_append;
 mod mllp_ingest;
 
@@ -62,6 +63,22 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         consumers: usize,
     },
+    /// carebus over HTTP through the Rust client: keyed publish (single and batches),
+    /// receive + ack.
+    Http {
+        /// Directory on the filesystem to measure (a temporary directory is made inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Seconds per publish measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent publishers.
+        #[arg(long, default_value_t = 64)]
+        publishers: usize,
+        /// Messages stored and then drained by receive + ack.
+        #[arg(long, default_value_t = 50_000)]
+        messages: u64,
+    },
     /// HL7 v2 over MLLP ingest with ACK after fsync, 1 and 16 connections.
     Mllp {
         /// Directory on the filesystem to measure (a temporary directory is made inside).
@@ -89,6 +106,24 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Http {
+            dir,
+            seconds,
+            publishers,
+            messages,
+        } => {
+            let work = tempfile::Builder::new()
+                .prefix("carebus-bench-")
+                .tempdir_in(&dir)?;
+            let runs = http_api::run(
+                work.path(),
+                publishers,
+                Duration::from_secs(seconds.max(1)),
+                messages,
+            )?;
+            println!("{}", http_api::report(&runs));
+            Ok(())
+        }
         Command::Mllp {
             dir,
             seconds,
