@@ -64,16 +64,33 @@ pub fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut runs = Vec::new();
-        for (label, batch) in [
+        // Alternating unkeyed and keyed single-message runs (twice each), then batches.
+        for (run, (label, batch, keyed)) in [
+            (
+                "publish, 1 message per request, without keys",
+                1usize,
+                false,
+            ),
             (
                 "publish, 1 message per request, with idempotency keys",
-                1usize,
+                1,
+                true,
+            ),
+            ("publish, 1 message per request, without keys", 1, false),
+            (
+                "publish, 1 message per request, with idempotency keys",
+                1,
+                true,
             ),
             (
                 "publish, batches of 100 per request, with idempotency keys",
                 100,
+                true,
             ),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let stop = Arc::new(AtomicBool::new(false));
             let counted = Arc::new(AtomicU64::new(0));
             let start = Instant::now();
@@ -88,9 +105,13 @@ pub fn run(
                             let msgs: Vec<Message> = (0..batch)
                                 .map(|_| {
                                     seq += 1;
-                                    let tag = format!("B{batch}-P{p:03}");
-                                    Message::new(body(&tag, seq))
-                                        .idempotency_key(format!("{tag}-{seq}"))
+                                    let tag = format!("R{run}-P{p:03}");
+                                    let m = Message::new(body(&tag, seq));
+                                    if keyed {
+                                        m.idempotency_key(format!("{tag}-{seq}"))
+                                    } else {
+                                        m
+                                    }
                                 })
                                 .collect();
                             let t = Instant::now();
