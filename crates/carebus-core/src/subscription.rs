@@ -300,8 +300,10 @@ pub struct DeadLetter {
 pub struct TraceEvent {
     /// When (ms since the epoch).
     pub at_ms: i64,
-    /// `delivered`, `acked`, `nacked`, `lease_expired`, `dead_lettered`,
-    /// `cumulative_ack`, `dead_letter_replayed` or `dead_letter_discarded`.
+    /// `delivered`, `not_handed_over` (the receiver went away before it got the
+    /// delivery; the attempt does not count), `acked`, `nacked`, `lease_expired`,
+    /// `dead_lettered`, `cumulative_ack`, `dead_letter_replayed` or
+    /// `dead_letter_discarded`.
     pub kind: &'static str,
     /// Delivery attempt number (for `delivered`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,6 +338,14 @@ enum Event {
         o: u64,
         n: u32,
         c: String,
+        t: i64,
+    },
+    /// An attempt that never reached its consumer (the receiver went away): it does
+    /// not count.
+    Released {
+        p: u32,
+        o: u64,
+        n: u32,
         t: i64,
     },
     Ack {
@@ -740,6 +750,12 @@ impl Subscription {
                         let f = failures.entry((p, o)).or_default();
                         f.attempts = f.attempts.max(n);
                     }
+                    Event::Released { p, o, n, .. } => {
+                        let f = failures.entry((p, o)).or_default();
+                        if f.attempts == n {
+                            f.attempts = n.saturating_sub(1);
+                        }
+                    }
                     Event::Ack { p, o, .. } => {
                         let i = part(&mut parts, p);
                         parts[i].mark_done(o);
@@ -1104,9 +1120,17 @@ impl Subscription {
             && let Status::InFlight { consumer, .. } = &pending.status
         {
             let c = consumer.clone();
+            let n = pending.failures.attempts;
             pending.status = Status::Ready { not_before_ms: 0 };
-            pending.failures.attempts = pending.failures.attempts.saturating_sub(1);
+            pending.failures.attempts = n.saturating_sub(1);
             s.release_consumer(&c);
+            let _ = self.events.append_detached(&[Event::Released {
+                p,
+                o,
+                n,
+                t: now_ms(),
+            }
+            .record()]);
         }
     }
 
@@ -1686,6 +1710,12 @@ impl Subscription {
                         });
                     }
                     Event::Expired { p, o, t } if hit(p, o) => events.push(ev(t, "lease_expired")),
+                    Event::Released { p, o, n, t } if hit(p, o) => {
+                        events.push(TraceEvent {
+                            attempt: Some(n),
+                            ..ev(t, "not_handed_over")
+                        });
+                    }
                     Event::Dead { p, o, t, dl } if hit(p, o) => {
                         dead_ids.insert(dl.id);
                         events.push(TraceEvent {

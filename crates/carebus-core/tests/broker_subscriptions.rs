@@ -761,3 +761,75 @@ async fn cumulative_acks_past_the_end_are_refused_and_deleting_a_subscription_wa
         "invalid_subscription"
     );
 }
+
+/// A delivery dispatched to a receiver that went away before taking it does not count
+/// as an attempt, now or after a restart.
+#[tokio::test(flavor = "current_thread")]
+async fn a_delivery_never_handed_over_does_not_count_as_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(dir.path()));
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    b.put_subscription(
+        "t",
+        "s",
+        SubscriptionConfig {
+            ack_deadline_ms: 60_000,
+            ..fast(Dispatch::RoundRobin)
+        },
+    )
+    .unwrap();
+    // "a" waits (its task registers, then sleeps in the runtime).
+    let b2 = Arc::clone(&b);
+    let a =
+        tokio::spawn(async move { b2.receive("t", "s", "a", 1, Duration::from_secs(30)).await });
+    wait_for_waiters(&b, "s", 1).await;
+    b.publish(
+        "t",
+        vec![PublishMessage::new("m0"), PublishMessage::new("m1")],
+    )
+    .await
+    .unwrap();
+    // "b"'s receive dispatches both: round robin by name gives offset 0 to "a", 1 to "b".
+    let got = b.receive("t", "s", "b", 1, Duration::ZERO).await.unwrap();
+    assert_eq!(got[0].message.offset, 1);
+    // "a" goes away before its task ever runs again.
+    a.abort();
+    assert!(a.await.unwrap_err().is_cancelled());
+    let again = b
+        .receive("t", "s", "c", 1, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again[0].message.offset, again[0].attempt),
+        (0, 1),
+        "the lost hand-over must not count"
+    );
+    let t0 = Instant::now();
+    let kinds = loop {
+        let tr = b.trace("t", 0, 0).unwrap().unwrap();
+        let k: Vec<&str> = tr.subscriptions[0].events.iter().map(|e| e.kind).collect();
+        if k.len() >= 3 || t0.elapsed() > Duration::from_secs(5) {
+            break k;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(kinds, ["delivered", "not_handed_over", "delivered"]);
+    // After a restart the count is still right: the next delivery is attempt 1.
+    b.subscription("t", "s").unwrap();
+    drop(again);
+    let b = match Arc::try_unwrap(b) {
+        Ok(b) => b,
+        Err(_) => panic!("broker still shared"),
+    };
+    drop(b);
+    let b = open(dir.path());
+    let after = b
+        .receive("t", "s", "d", 2, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let first = after.iter().find(|d| d.message.offset == 0).unwrap();
+    assert_eq!(
+        first.attempt, 2,
+        "one real attempt before the restart, this is the second"
+    );
+}
