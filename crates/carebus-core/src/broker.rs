@@ -1013,8 +1013,10 @@ impl Broker {
     }
 
     /// Aborts a transaction: nothing of it takes effect, and the deliveries it would
-    /// have acknowledged are delivered again.
-    pub fn abort_transaction(&self, id: u64) -> Result<(), BrokerError> {
+    /// have acknowledged fail their attempt (as a nack would): they are delivered again
+    /// after the backoff, and a message whose transactions always abort is
+    /// dead-lettered after `max_attempts`.
+    pub async fn abort_transaction(&self, id: u64) -> Result<(), BrokerError> {
         let txn = self
             .txns
             .open
@@ -1022,14 +1024,23 @@ impl Broker {
             .map_err(poisoned)?
             .remove(&id)
             .ok_or(BrokerError::UnknownTransaction(id))?;
-        self.release_txn_deliveries(&txn.acks);
+        self.fail_txn_deliveries(&txn.acks, "transaction aborted")
+            .await;
         Ok(())
     }
 
-    fn release_txn_deliveries(&self, acks: &[(String, String, u64)]) {
+    async fn fail_txn_deliveries(&self, acks: &[(String, String, u64)], reason: &str) {
+        let mut groups: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
         for (topic, sub, d) in acks {
-            if let Ok(s) = self.subscription(topic, sub) {
-                s.release_deliveries(&[*d]);
+            groups
+                .entry((topic.as_str(), sub.as_str()))
+                .or_default()
+                .push(*d);
+        }
+        for ((topic, sub), ids) in groups {
+            // Ids no longer in flight (lease ran out meanwhile) are refused: nothing to do.
+            if let Err(e) = self.nack(topic, sub, &ids, reason, None).await {
+                tracing::warn!(topic, subscription = sub, error = %e, "could not release a transaction's deliveries");
             }
         }
     }
@@ -1049,18 +1060,18 @@ impl Broker {
         id: u64,
         step: CommitStep,
     ) -> Result<Vec<(String, PublishOutcome)>, BrokerError> {
-        let txn = {
-            let mut open = self.txns.open.lock().map_err(poisoned)?;
-            let txn = open
-                .remove(&id)
-                .ok_or(BrokerError::UnknownTransaction(id))?;
-            if txn.deadline <= std::time::Instant::now() {
-                drop(open);
-                self.release_txn_deliveries(&txn.acks);
-                return Err(BrokerError::TransactionExpired(id));
-            }
-            txn
-        };
+        let txn = self
+            .txns
+            .open
+            .lock()
+            .map_err(poisoned)?
+            .remove(&id)
+            .ok_or(BrokerError::UnknownTransaction(id))?;
+        if txn.deadline <= std::time::Instant::now() {
+            self.fail_txn_deliveries(&txn.acks, "transaction expired")
+                .await;
+            return Err(BrokerError::TransactionExpired(id));
+        }
         // Hold the deliveries: from here their leases cannot run out.
         let mut groups: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
         for (t, s, d) in &txn.acks {

@@ -1387,17 +1387,6 @@ impl Subscription {
         Ok(Err(refused))
     }
 
-    /// Makes in-flight deliveries deliverable again at once (an aborted transaction's
-    /// acks); unknown ids are ignored.
-    pub(crate) fn release_deliveries(&self, ids: &[u64]) {
-        if let Ok(mut s) = self.state.lock() {
-            for &id in ids {
-                self.release_undelivered(&mut s, id);
-            }
-        }
-        self.changed.notify_waiters();
-    }
-
     /// Releases deliveries held for a commit that did not happen.
     pub(crate) fn release_held(&self, positions: &[(u32, u64)]) {
         let items: Vec<Settling> = positions.iter().map(|&(p, o)| (0, p, o)).collect();
@@ -1724,7 +1713,19 @@ impl Subscription {
                         });
                     }
                     Event::CumulativeAck { p, upto, t } if p == partition && offset <= upto => {
-                        events.push(ev(t, "cumulative_ack"));
+                        // Only if it still settled something for this message.
+                        let settled = events.last().is_some_and(|e| {
+                            matches!(
+                                e.kind,
+                                "acked"
+                                    | "dead_lettered"
+                                    | "dead_letter_discarded"
+                                    | "cumulative_ack"
+                            )
+                        });
+                        if !settled {
+                            events.push(ev(t, "cumulative_ack"));
+                        }
                     }
                     Event::DeadLetterReplay { id, t } if dead_ids.contains(&id) => {
                         events.push(ev(t, "dead_letter_replayed"))

@@ -27,6 +27,12 @@ async fn setup(dir: &std::path::Path) -> (Broker, Delivery) {
         .unwrap();
     let cfg = SubscriptionConfig {
         ack_deadline_ms: 60_000,
+        backoff: carebus_core::Backoff {
+            initial_ms: 10,
+            max_ms: 10,
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
         ..SubscriptionConfig::default()
     };
     b.put_subscription("hl7.oru", "transformer", cfg.clone())
@@ -124,7 +130,7 @@ async fn abort_and_timeout_leave_no_trace_and_redeliver_the_input() {
         .unwrap();
     b.transaction_ack(txn, "hl7.oru", "transformer", &[d.delivery_id])
         .unwrap();
-    b.abort_transaction(txn).unwrap();
+    b.abort_transaction(txn).await.unwrap();
     assert!(b.read("fhir.observation", 0, 0, 10).unwrap().is_empty());
     let again = b
         .receive("hl7.oru", "transformer", "t2", 1, W)
@@ -133,6 +139,9 @@ async fn abort_and_timeout_leave_no_trace_and_redeliver_the_input() {
         .pop()
         .unwrap();
     assert_eq!(again.message.offset, d.message.offset);
+    // The aborted attempt counts (as a nack would): a message whose transactions always
+    // abort is dead-lettered after max_attempts instead of looping forever.
+    assert_eq!(again.attempt, 2);
     // Timeout.
     let txn = b.begin_transaction(Duration::from_millis(30)).unwrap();
     b.transaction_publish(txn, "fhir.observation", output())

@@ -585,7 +585,7 @@ pub fn openapi() -> Value {
                 "type": "object", "required": ["at_ms", "kind"],
                 "properties": {
                     "at_ms": { "type": "integer" },
-                    "kind": { "type": "string", "enum": ["delivered", "acked", "nacked", "lease_expired", "dead_lettered", "cumulative_ack", "dead_letter_replayed", "dead_letter_discarded"] },
+                    "kind": { "type": "string", "enum": ["delivered", "not_handed_over", "acked", "nacked", "lease_expired", "dead_lettered", "cumulative_ack", "dead_letter_replayed", "dead_letter_discarded"] },
                     "attempt": { "type": "integer" },
                     "consumer": { "type": "string" },
                     "reason": { "type": "string" }

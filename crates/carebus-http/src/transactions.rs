@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -74,18 +74,15 @@ pub(crate) async fn begin(
     }
     let id = broker.begin_transaction(Duration::from_millis(timeout_ms))?;
     tracing::debug!(transaction = id, timeout_ms, "transaction begun");
-    let mut response = json_response(
+    // No Location header: a transaction is not a resource that can be fetched.
+    Ok(json_response(
         StatusCode::CREATED,
         &json!({
             "transaction_id": id,
             "transaction_id_str": id.to_string(),
             "timeout_ms": timeout_ms,
         }),
-    );
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/transactions/{id}")) {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(response)
+    ))
 }
 
 pub(crate) async fn publish(
@@ -158,7 +155,7 @@ pub(crate) async fn abort(
     path: TxnPath,
 ) -> Result<StatusCode, ApiError> {
     let id = txn_id(path)?;
-    state.broker()?.abort_transaction(id)?;
+    state.broker()?.abort_transaction(id).await?;
     tracing::debug!(transaction = id, "transaction aborted by the client");
     Ok(StatusCode::NO_CONTENT)
 }
