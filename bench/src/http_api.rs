@@ -43,6 +43,7 @@ pub fn run(
             log: carebus_log::LogConfig::default(),
             max_body_bytes: carebus_server::DEFAULT_MAX_BODY_BYTES,
             mllp_addr: None,
+            mllp_egress: Vec::new(),
         };
         let server = tokio::spawn(carebus_server::run(
             config,

@@ -33,6 +33,19 @@ pub struct ServerConfig {
     /// Where HL7 v2 over MLLP is accepted (`None`: no MLLP listener; port 0 picks a
     /// free port, logged as `mllp listening`).
     pub mllp_addr: Option<SocketAddr>,
+    /// Subscriptions delivered to MLLP destinations.
+    pub mllp_egress: Vec<EgressBinding>,
+}
+
+/// A subscription bound to an MLLP destination.
+#[derive(Debug, Clone)]
+pub struct EgressBinding {
+    /// The topic.
+    pub topic: String,
+    /// The subscription (created if missing, with a lease of 3 × the ACK timeout).
+    pub subscription: String,
+    /// Destination and behaviour.
+    pub config: carebus_mllp::egress::EgressConfig,
 }
 
 /// Why the server stopped with an error.
@@ -143,11 +156,32 @@ pub async fn run(
                         },
                         None => None,
                     };
+                    let (egress_stop, egress_rx) = tokio::sync::watch::channel(false);
+                    let mut egress = Vec::new();
+                    for b in &config.mllp_egress {
+                        if let Err(e) = prepare_egress(&broker, b).await {
+                            return Err(ServerError::Broker(e));
+                        }
+                        tracing::info!(topic = %b.topic, subscription = %b.subscription, destination = %b.config.destination, "mllp egress started");
+                        egress.push(tokio::spawn(carebus_mllp::egress::run_egress(
+                            Arc::clone(&broker),
+                            b.topic.clone(),
+                            b.subscription.clone(),
+                            b.config.clone(),
+                            egress_rx.clone(),
+                        )));
+                    }
                     slot.set(broker);
                     tracing::info!("ready");
                     let _ = (&mut shutdown).await;
                     if let Some(task) = mllp {
                         task.abort();
+                    }
+                    // Egress workers give back what they hold (nack) and stop.
+                    let _ = egress_stop.send(true);
+                    for task in egress {
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
                     }
                     Ok(())
                 }
@@ -189,4 +223,30 @@ pub async fn run(
     }
     served?;
     outcome
+}
+
+/// Makes sure an egress binding's topic and subscription exist.
+async fn prepare_egress(
+    broker: &Arc<carebus_core::Broker>,
+    b: &EgressBinding,
+) -> Result<(), carebus_core::BrokerError> {
+    let (broker, b) = (Arc::clone(broker), b.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        if broker.topic(&b.topic).is_err() {
+            broker.put_topic(&b.topic, carebus_core::TopicConfig::default())?;
+        }
+        if broker.subscription(&b.topic, &b.subscription).is_err() {
+            let lease = u64::try_from(b.config.ack_timeout.as_millis().saturating_mul(3))
+                .unwrap_or(u64::MAX)
+                .max(30_000);
+            let sub = carebus_core::SubscriptionConfig {
+                ack_deadline_ms: lease,
+                ..carebus_core::SubscriptionConfig::default()
+            };
+            broker.put_subscription(&b.topic, &b.subscription, sub)?;
+        }
+        Ok(())
+    });
+    task.await
+        .unwrap_or(Err(carebus_core::BrokerError::Internal))
 }

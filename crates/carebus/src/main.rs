@@ -69,9 +69,14 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Subscriptions delivered to MLLP destinations (only from the config file).
+    #[arg(skip)]
+    mllp_egress: Vec<carebus_server::EgressBinding>,
     /// A TOML file with any of the settings below (keys: data_dir, http_addr,
-    /// mllp_addr, mllp (true/false), fsync, max_body_bytes). Precedence: command-line
-    /// flag, then environment variable, then this file, then the built-in default.
+    /// mllp_addr, mllp (true/false), fsync, max_body_bytes), and `[[mllp_egress]]`
+    /// tables (topic, subscription, destination, connections, ack_timeout_ms,
+    /// on_negative_ack = "dead_letter" | "retry"). Precedence: command-line flag, then
+    /// environment variable, then this file, then the built-in default.
     #[arg(long, env = "CAREBUS_CONFIG")]
     config: Option<PathBuf>,
     /// Directory of the embedded store.
@@ -223,6 +228,22 @@ struct FileConfig {
     mllp: Option<bool>,
     fsync: Option<String>,
     max_body_bytes: Option<usize>,
+    /// `[[mllp_egress]]` tables: subscriptions delivered to MLLP destinations.
+    #[serde(default)]
+    mllp_egress: Vec<EgressFile>,
+}
+
+/// One `[[mllp_egress]]` table of the config file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressFile {
+    topic: String,
+    subscription: String,
+    destination: SocketAddr,
+    connections: Option<usize>,
+    ack_timeout_ms: Option<u64>,
+    /// `dead_letter` (default) or `retry`.
+    on_negative_ack: Option<String>,
 }
 
 /// Fills every setting that was left at its built-in default (neither a flag nor an
@@ -256,6 +277,38 @@ fn apply_config_file(
     if let (true, Some(v)) = (defaulted("fsync"), file.fsync) {
         args.fsync = v;
     }
+    for e in file.mllp_egress {
+        let mut config = carebus_mllp::egress::EgressConfig::new(e.destination);
+        if let Some(n) = e.connections {
+            anyhow::ensure!(
+                n > 0,
+                "mllp_egress connections in {} must be at least 1",
+                path.display()
+            );
+            config.connections = n;
+        }
+        if let Some(ms) = e.ack_timeout_ms {
+            anyhow::ensure!(
+                ms > 0,
+                "mllp_egress ack_timeout_ms in {} must be positive",
+                path.display()
+            );
+            config.ack_timeout = std::time::Duration::from_millis(ms);
+        }
+        config.on_negative_ack = match e.on_negative_ack.as_deref() {
+            None | Some("dead_letter") => carebus_mllp::egress::NegativeAckPolicy::DeadLetter,
+            Some("retry") => carebus_mllp::egress::NegativeAckPolicy::Retry,
+            Some(other) => anyhow::bail!(
+                "mllp_egress on_negative_ack in {} must be dead_letter or retry, not {other:?}",
+                path.display()
+            ),
+        };
+        args.mllp_egress.push(carebus_server::EgressBinding {
+            topic: e.topic,
+            subscription: e.subscription,
+            config,
+        });
+    }
     if let (true, Some(v)) = (defaulted("max_body_bytes"), file.max_body_bytes) {
         anyhow::ensure!(
             v > 0,
@@ -278,6 +331,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         max_body_bytes: args.max_body_bytes,
         mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
+        mllp_egress: args.mllp_egress.clone(),
     };
     // The effective configuration (it holds no secrets).
     tracing::info!(
