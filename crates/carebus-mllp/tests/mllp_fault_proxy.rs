@@ -69,6 +69,9 @@ async fn proxy(listener: TcpListener, upstream: SocketAddr, connections: Arc<Ato
             }
             if matches!(fault, Fault::ResetAfterFrame) {
                 // The frame reached carebus; the sender sees the connection die.
+                // A zero linger makes the close a TCP reset. (Deprecated because a
+                // non-zero linger blocks on drop; zero does not.)
+                #[allow(deprecated)]
                 let _ = client.set_linger(Some(Duration::ZERO));
                 return;
             }
