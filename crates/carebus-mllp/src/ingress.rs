@@ -308,11 +308,12 @@ async fn handle_message(
             error: None,
         },
     );
+    let key = Bytes::from(key);
     let publish = PublishMessage {
         body: bytes.clone(),
         content_type: Some(CONTENT_TYPE.into()),
         partition_key: msg.patient_identifier().map(|p| Bytes::from(p.key())),
-        idempotency_key: Some(Bytes::from(key)),
+        idempotency_key: Some(key.clone()),
         headers: vec![(ACK_HEADER.into(), Bytes::from(ack.clone()))],
     };
     match store(broker, &topic, publish).await {
@@ -335,6 +336,7 @@ async fn handle_message(
                     offset,
                     "mllp resend with a known control id but a different body: first copy kept"
                 );
+                record_conflict(broker, config, &topic, partition, offset, &key, bytes).await;
             }
             stored_ack.map_or(ack, |a| a.to_vec())
         }
@@ -353,6 +355,45 @@ async fn handle_message(
             };
             nak(fail, &err)
         }
+    }
+}
+
+/// Makes a conflict listable: a record in `<prefix>conflicts` (`hl7.conflicts`) naming
+/// the first copy, the key (sender application, facility and control id) and the
+/// conflicting body's hash and size (never its content). Keyed by the first copy and
+/// that hash, so the same conflicting resend repeated is recorded once.
+async fn record_conflict(
+    broker: &Broker,
+    config: &IngressConfig,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    key: &Bytes,
+    body: &Bytes,
+) {
+    let hash = carebus_core::body_hash(body);
+    let record = serde_json::json!({
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "idempotency_key": String::from_utf8_lossy(key),
+        "conflicting_body_hash": format!("{hash:016x}"),
+        "conflicting_body_bytes": body.len(),
+        "received_ms": carebus_log::now_ms(),
+    })
+    .to_string();
+    let conflicts = format!("{}conflicts", config.topic_prefix);
+    let message = PublishMessage {
+        body: Bytes::from(record),
+        content_type: Some("application/json".into()),
+        partition_key: None,
+        idempotency_key: Some(Bytes::from(format!(
+            "conflict/{topic}/{partition}/{offset}/{hash:016x}"
+        ))),
+        headers: Vec::new(),
+    };
+    if let Err(e) = store(broker, &conflicts, message).await {
+        tracing::error!(topic = %conflicts, code = e.code(), "could not record a conflict");
     }
 }
 

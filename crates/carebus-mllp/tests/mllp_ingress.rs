@@ -105,9 +105,11 @@ async fn send(addr: std::net::SocketAddr, message: &[u8]) -> Vec<u8> {
     read_reply(&mut s).await
 }
 
+/// Messages stored in the hl7.<type> topics (not the conflict records).
 fn stored_count(b: &Broker) -> usize {
     b.topics()
         .iter()
+        .filter(|t| t.name() != "hl7.conflicts")
         .map(|t| {
             (0..t.topic().config.partitions)
                 .map(|p| b.read(t.name(), p, 0, 10_000).unwrap().len())
@@ -141,6 +143,24 @@ async fn every_sample_is_stored_once_and_a_resend_gets_the_same_ack() {
     let expected_stored = valid.len() - 1;
     assert_eq!(stored_count(&f.broker), expected_stored);
     assert_eq!(f.stats.conflicts.load(Ordering::Relaxed), 1);
+    // The conflict is listable: one record in hl7.conflicts naming the first copy,
+    // without the conflicting body.
+    let conflicts: Vec<_> = (0..4)
+        .flat_map(|p| f.broker.read("hl7.conflicts", p, 0, 10).unwrap())
+        .collect();
+    assert_eq!(conflicts.len(), 1);
+    let record: serde_json::Value = serde_json::from_slice(&conflicts[0].body).unwrap();
+    assert_eq!(record["topic"], "hl7.adt");
+    assert!(
+        record["idempotency_key"]
+            .as_str()
+            .unwrap()
+            .ends_with("|NG-ADT-000101")
+    );
+    assert!(
+        !String::from_utf8_lossy(&conflicts[0].body).contains("Okafor"),
+        "no patient data in the record"
+    );
     let admit = valid
         .iter()
         .position(|(n, _)| n == "adt_a01_admit.hl7")
@@ -184,9 +204,15 @@ async fn every_sample_is_stored_once_and_a_resend_gets_the_same_ack() {
             )
         })
         .collect();
+    expected.push("hl7.conflicts".into());
     expected.sort();
     expected.dedup();
     assert_eq!(names, expected);
+    // Resending the same conflicting body again records nothing new.
+    let again: usize = (0..4)
+        .map(|p| f.broker.read("hl7.conflicts", p, 0, 10).unwrap().len())
+        .sum();
+    assert_eq!(again, 1);
     assert!(names.contains(&"hl7.adt".to_owned()) && names.contains(&"hl7.oru".to_owned()));
     // Stored byte for byte.
     let orm: Vec<_> = (0..4)

@@ -120,7 +120,10 @@ fn stored(server: &Server) -> u64 {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| t["name"].as_str().unwrap().starts_with("hl7."))
+        .filter(|t| {
+            let name = t["name"].as_str().unwrap();
+            name.starts_with("hl7.") && name != "hl7.conflicts"
+        })
         .flat_map(|t| {
             t["end_offsets"]
                 .as_array()
