@@ -44,6 +44,8 @@ pub fn run(
             max_body_bytes: carebus_server::DEFAULT_MAX_BODY_BYTES,
             mllp_addr: None,
             mllp_egress: Vec::new(),
+            mllp_extra_addrs: Vec::new(),
+            mllp_ingress: carebus_mllp::IngressConfig::default(),
         };
         let server = tokio::spawn(carebus_server::run(
             config,

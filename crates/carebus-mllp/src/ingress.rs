@@ -49,8 +49,89 @@ pub struct IngressConfig {
     pub idle_timeout: Duration,
     /// A frame must arrive whole within this long once it started.
     pub frame_timeout: Duration,
-    /// Topic prefix: messages go to `<prefix><type>` (`hl7.adt`, `hl7.oru`, …).
+    /// Topic prefix: messages go to `<prefix><type>` (`hl7.adt`, `hl7.oru`, …) unless a
+    /// route says otherwise.
     pub topic_prefix: String,
+    /// Routing rules, first match wins; unmatched messages go to `<prefix><type>`.
+    pub routes: Vec<Route>,
+    /// Where refused messages are kept (raw bytes and the reason), if anywhere.
+    pub rejects_topic: Option<String>,
+    /// The answer to a message that cannot be accepted (unparseable, invalid):
+    /// `Reject` (AR/CR, the default: do not resend) or `Error` (AE/CE).
+    pub invalid_message_ack: NegativeAck,
+    /// The answer when the message could not be stored (disk full, storage error):
+    /// `Error` (AE/CE, the default: resend later) or `Reject` (AR/CR).
+    pub storage_failure_ack: NegativeAck,
+}
+
+/// Which negative acknowledgement answers a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NegativeAck {
+    /// AE (CE in enhanced mode): application error.
+    Error,
+    /// AR (CR in enhanced mode): application reject.
+    Reject,
+}
+
+impl NegativeAck {
+    fn code(self, enhanced: bool) -> AckCode {
+        match (self, enhanced) {
+            (NegativeAck::Error, false) => AckCode::AE,
+            (NegativeAck::Error, true) => AckCode::CE,
+            (NegativeAck::Reject, false) => AckCode::AR,
+            (NegativeAck::Reject, true) => AckCode::CR,
+        }
+    }
+}
+
+/// A routing rule: every condition given must match (message type and trigger event
+/// case-insensitively, sending application and facility — their first component —
+/// exactly).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// MSH-9.1, e.g. `ADT`.
+    pub message_type: Option<String>,
+    /// MSH-9.2, e.g. `A01`.
+    pub trigger_event: Option<String>,
+    /// MSH-3.1.
+    pub sending_application: Option<String>,
+    /// MSH-4.1.
+    pub sending_facility: Option<String>,
+    /// The topic for matching messages.
+    pub topic: String,
+}
+
+impl Route {
+    fn matches(&self, msg: &Message<'_>) -> bool {
+        let text = |c: Option<String>| c.unwrap_or_default();
+        let comp = |f: Option<carebus_hl7::Field<'_>>| {
+            f.and_then(|f| f.component(1))
+                .map(|c| String::from_utf8_lossy(&c.decoded()).into_owned())
+        };
+        let ty = text(
+            msg.message_type()
+                .map(|c| String::from_utf8_lossy(&c.decoded()).into_owned()),
+        );
+        let ev = text(
+            msg.trigger_event()
+                .map(|c| String::from_utf8_lossy(&c.decoded()).into_owned()),
+        );
+        self.message_type
+            .as_ref()
+            .is_none_or(|t| t.eq_ignore_ascii_case(&ty))
+            && self
+                .trigger_event
+                .as_ref()
+                .is_none_or(|t| t.eq_ignore_ascii_case(&ev))
+            && self
+                .sending_application
+                .as_ref()
+                .is_none_or(|a| Some(a.clone()) == comp(msg.sending_application()))
+            && self
+                .sending_facility
+                .as_ref()
+                .is_none_or(|f| Some(f.clone()) == comp(msg.sending_facility()))
+    }
 }
 
 impl Default for IngressConfig {
@@ -61,6 +142,10 @@ impl Default for IngressConfig {
             idle_timeout: Duration::from_secs(300),
             frame_timeout: Duration::from_secs(60),
             topic_prefix: "hl7.".into(),
+            routes: Vec::new(),
+            rejects_topic: None,
+            invalid_message_ack: NegativeAck::Reject,
+            storage_failure_ack: NegativeAck::Error,
         }
     }
 }
@@ -241,9 +326,10 @@ async fn handle_message(
         Err(e) => {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::info!(bytes = bytes.len(), reason = %e, "mllp message refused: no readable MSH");
+            keep_reject(broker, config, bytes, &e.to_string()).await;
             let err = AckError::from(&e);
             return build_ack_without_header(&AckOptions {
-                code: AckCode::AR,
+                code: config.invalid_message_ack.code(false),
                 control_id: &id,
                 timestamp: &ts,
                 error: Some(&err),
@@ -251,11 +337,9 @@ async fn handle_message(
         }
     };
     let enhanced = msg.accept_ack_type().is_some() || msg.application_ack_type().is_some();
-    let (accept, reject, fail) = if enhanced {
-        (AckCode::CA, AckCode::CR, AckCode::CE)
-    } else {
-        (AckCode::AA, AckCode::AR, AckCode::AE)
-    };
+    let accept = if enhanced { AckCode::CA } else { AckCode::AA };
+    let reject = config.invalid_message_ack.code(enhanced);
+    let fail = config.storage_failure_ack.code(enhanced);
     let nak = |code, err: &AckError| {
         build_ack(
             &msg,
@@ -270,6 +354,7 @@ async fn handle_message(
     if let Err(e) = msg.validate() {
         stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::info!(bytes = bytes.len(), reason = %e, "mllp message refused");
+        keep_reject(broker, config, bytes, &e.to_string()).await;
         return nak(reject, &AckError::from(&e));
     }
     let message_type: String = msg
@@ -290,9 +375,13 @@ async fn handle_message(
             severity: Severity::Error,
             message: Some("message type is not routable".into()),
         };
+        keep_reject(broker, config, bytes, "message type is not routable").await;
         return nak(reject, &err);
     }
-    let topic = format!("{}{message_type}", config.topic_prefix);
+    let topic = config.routes.iter().find(|r| r.matches(&msg)).map_or_else(
+        || format!("{}{message_type}", config.topic_prefix),
+        |r| r.topic.clone(),
+    );
     let mut key = Vec::new();
     key.extend_from_slice(msg.sending_application().map_or(&b""[..], |f| f.raw()));
     key.push(b'|');
@@ -394,6 +483,27 @@ async fn record_conflict(
     };
     if let Err(e) = store(broker, &conflicts, message).await {
         tracing::error!(topic = %conflicts, code = e.code(), "could not record a conflict");
+    }
+}
+
+/// Keeps a refused message in the rejects topic, if one is configured: the raw bytes
+/// and the reason (which names positions, never content). The same bytes are kept once.
+async fn keep_reject(broker: &Broker, config: &IngressConfig, bytes: &Bytes, reason: &str) {
+    let Some(topic) = &config.rejects_topic else {
+        return;
+    };
+    let message = PublishMessage {
+        body: bytes.clone(),
+        content_type: Some(CONTENT_TYPE.into()),
+        partition_key: None,
+        idempotency_key: Some(Bytes::from(format!(
+            "reject/{:016x}",
+            carebus_core::body_hash(bytes)
+        ))),
+        headers: vec![("mllp-reject-reason".into(), Bytes::from(reason.to_owned()))],
+    };
+    if let Err(e) = store(broker, topic, message).await {
+        tracing::error!(topic, code = e.code(), "could not keep a refused message");
     }
 }
 

@@ -10,4 +10,6 @@ pub use codec::{Frame, FrameError, MllpCodec, frame};
 pub use egress::{
     EgressConfig, EgressError, EgressStats, NegativeAckPolicy, run_egress, run_egress_with_stats,
 };
-pub use ingress::{ACK_HEADER, CONTENT_TYPE, IngressConfig, IngressStats, serve};
+pub use ingress::{
+    ACK_HEADER, CONTENT_TYPE, IngressConfig, IngressStats, NegativeAck, Route, serve,
+};

@@ -342,3 +342,71 @@ async fn a_batch_is_acknowledged_message_by_message() {
     send(f.addr, &fixture("batch", "lab_batch.hl7")).await;
     assert_eq!(stored_count(&f.broker), 3);
 }
+
+#[tokio::test]
+async fn routes_rejects_topic_and_negative_ack_codes_follow_the_configuration() {
+    use carebus_mllp::{NegativeAck, Route};
+    let config = IngressConfig {
+        routes: vec![
+            Route {
+                message_type: Some("adt".into()),
+                trigger_event: Some("A08".into()),
+                topic: "hl7.adt.updates".into(),
+                ..Route::default()
+            },
+            Route {
+                sending_application: Some("LABSYS".into()),
+                topic: "lab.results".into(),
+                ..Route::default()
+            },
+        ],
+        rejects_topic: Some("hl7.rejects".into()),
+        invalid_message_ack: NegativeAck::Error,
+        ..IngressConfig::default()
+    };
+    let f = start(config).await;
+    send(f.addr, &fixture("valid", "adt_a08_update.hl7")).await;
+    send(f.addr, &fixture("valid", "adt_a01_admit.hl7")).await;
+    send(f.addr, &fixture("batch", "lab_batch.hl7")).await;
+    let count = |topic: &str| -> usize {
+        f.broker.topic(topic).map_or(0, |t| {
+            (0..t.topic().config.partitions)
+                .map(|p| f.broker.read(topic, p, 0, 100).unwrap().len())
+                .sum()
+        })
+    };
+    assert_eq!(
+        count("hl7.adt.updates"),
+        1,
+        "A08 routed by type and trigger"
+    );
+    assert_eq!(
+        count("hl7.adt"),
+        1,
+        "A01 falls through to the default route"
+    );
+    assert_eq!(
+        count("lab.results"),
+        3,
+        "the lab's batch routed by sending application"
+    );
+    // A refused message: AE as configured, kept once in the rejects topic with its reason.
+    for _ in 0..2 {
+        let reply = send(f.addr, &fixture("invalid", "empty_control_id.hl7")).await;
+        assert_eq!(parse_ack(&reply).unwrap().code, AckCode::AE);
+    }
+    let rejects: Vec<_> = (0..4)
+        .flat_map(|p| f.broker.read("hl7.rejects", p, 0, 10).unwrap())
+        .collect();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(
+        &rejects[0].body[..],
+        &fixture("invalid", "empty_control_id.hl7")[..]
+    );
+    assert!(
+        rejects[0]
+            .headers
+            .iter()
+            .any(|(n, v)| n == "mllp-reject-reason" && !v.is_empty())
+    );
+}

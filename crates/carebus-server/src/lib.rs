@@ -35,6 +35,10 @@ pub struct ServerConfig {
     pub mllp_addr: Option<SocketAddr>,
     /// Subscriptions delivered to MLLP destinations.
     pub mllp_egress: Vec<EgressBinding>,
+    /// More MLLP listeners, served like `mllp_addr`.
+    pub mllp_extra_addrs: Vec<SocketAddr>,
+    /// Routing, rejects topic, negative-ACK codes and limits of MLLP ingress.
+    pub mllp_ingress: carebus_mllp::IngressConfig,
 }
 
 /// A subscription bound to an MLLP destination.
@@ -139,23 +143,27 @@ pub async fn run(
                     let broker = Arc::new(broker);
                     // MLLP starts once the broker can store: an ACK is only ever sent
                     // for a stored message.
-                    let mllp = match config.mllp_addr {
-                        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                            Ok(listener) => {
-                                let bound = listener.local_addr().map_err(ServerError::Http)?;
-                                tracing::info!(addr = %bound, "mllp listening");
-                                let stats = Arc::new(carebus_mllp::IngressStats::default());
-                                Some(tokio::spawn(carebus_mllp::serve(
-                                    listener,
-                                    Arc::clone(&broker),
-                                    carebus_mllp::IngressConfig::default(),
-                                    stats,
-                                )))
+                    let stats = Arc::new(carebus_mllp::IngressStats::default());
+                    let mut mllp = Vec::new();
+                    for addr in config.mllp_addr.iter().chain(&config.mllp_extra_addrs) {
+                        let listener = match tokio::net::TcpListener::bind(addr).await {
+                            Ok(l) => l,
+                            Err(source) => {
+                                return Err(ServerError::Bind {
+                                    addr: *addr,
+                                    source,
+                                });
                             }
-                            Err(source) => return Err(ServerError::Bind { addr, source }),
-                        },
-                        None => None,
-                    };
+                        };
+                        let bound = listener.local_addr().map_err(ServerError::Http)?;
+                        tracing::info!(addr = %bound, "mllp listening");
+                        mllp.push(tokio::spawn(carebus_mllp::serve(
+                            listener,
+                            Arc::clone(&broker),
+                            config.mllp_ingress.clone(),
+                            Arc::clone(&stats),
+                        )));
+                    }
                     let (egress_stop, egress_rx) = tokio::sync::watch::channel(false);
                     let mut egress = Vec::new();
                     for b in &config.mllp_egress {
@@ -174,7 +182,7 @@ pub async fn run(
                     slot.set(broker);
                     tracing::info!("ready");
                     let _ = (&mut shutdown).await;
-                    if let Some(task) = mllp {
+                    for task in mllp {
                         task.abort();
                     }
                     // Egress workers give back what they hold (nack) and stop.

@@ -72,6 +72,12 @@ struct ServeArgs {
     /// Subscriptions delivered to MLLP destinations (only from the config file).
     #[arg(skip)]
     mllp_egress: Vec<carebus_server::EgressBinding>,
+    /// More MLLP listeners (only from the config file).
+    #[arg(skip)]
+    mllp_extra_addrs: Vec<SocketAddr>,
+    /// MLLP ingress settings (only from the config file).
+    #[arg(skip)]
+    mllp_ingress: carebus_mllp::IngressConfig,
     /// A TOML file with any of the settings below (keys: data_dir, http_addr,
     /// mllp_addr, mllp (true/false), fsync, max_body_bytes), and `[[mllp_egress]]`
     /// tables (topic, subscription, destination, connections, ack_timeout_ms,
@@ -231,6 +237,51 @@ struct FileConfig {
     /// `[[mllp_egress]]` tables: subscriptions delivered to MLLP destinations.
     #[serde(default)]
     mllp_egress: Vec<EgressFile>,
+    /// `[mllp_ingress]`: routing, rejects topic, negative-ACK codes, more listeners.
+    mllp_ingress: Option<IngressFile>,
+}
+
+/// The `[mllp_ingress]` table of the config file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngressFile {
+    /// More listener addresses besides `mllp_addr`.
+    #[serde(default)]
+    listeners: Vec<SocketAddr>,
+    /// `[[mllp_ingress.routes]]`, first match wins.
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+    rejects_topic: Option<String>,
+    /// `AR` (default) or `AE`.
+    invalid_message_ack: Option<String>,
+    /// `AE` (default) or `AR`.
+    storage_failure_ack: Option<String>,
+    max_frame_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+/// One routing rule of the config file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    message_type: Option<String>,
+    trigger_event: Option<String>,
+    sending_application: Option<String>,
+    sending_facility: Option<String>,
+    topic: String,
+}
+
+fn negative_ack(
+    value: Option<&str>,
+    default: carebus_mllp::NegativeAck,
+    what: &str,
+) -> anyhow::Result<carebus_mllp::NegativeAck> {
+    match value {
+        None => Ok(default),
+        Some("AE") => Ok(carebus_mllp::NegativeAck::Error),
+        Some("AR") => Ok(carebus_mllp::NegativeAck::Reject),
+        Some(other) => anyhow::bail!("{what} must be AE or AR, not {other:?}"),
+    }
 }
 
 /// One `[[mllp_egress]]` table of the config file.
@@ -276,6 +327,42 @@ fn apply_config_file(
     }
     if let (true, Some(v)) = (defaulted("fsync"), file.fsync) {
         args.fsync = v;
+    }
+    if let Some(ingress) = file.mllp_ingress {
+        let c = &mut args.mllp_ingress;
+        for r in ingress.routes {
+            anyhow::ensure!(
+                carebus_core::validate_name(&r.topic).is_ok(),
+                "route topic {:?} in {} is not a valid topic name",
+                r.topic,
+                path.display()
+            );
+            c.routes.push(carebus_mllp::Route {
+                message_type: r.message_type,
+                trigger_event: r.trigger_event,
+                sending_application: r.sending_application,
+                sending_facility: r.sending_facility,
+                topic: r.topic,
+            });
+        }
+        c.rejects_topic = ingress.rejects_topic;
+        c.invalid_message_ack = negative_ack(
+            ingress.invalid_message_ack.as_deref(),
+            c.invalid_message_ack,
+            "invalid_message_ack",
+        )?;
+        c.storage_failure_ack = negative_ack(
+            ingress.storage_failure_ack.as_deref(),
+            c.storage_failure_ack,
+            "storage_failure_ack",
+        )?;
+        if let Some(n) = ingress.max_frame_bytes {
+            c.max_frame_bytes = n;
+        }
+        if let Some(n) = ingress.max_connections {
+            c.max_connections = n.max(1);
+        }
+        args.mllp_extra_addrs = ingress.listeners;
     }
     for e in file.mllp_egress {
         let mut config = carebus_mllp::egress::EgressConfig::new(e.destination);
@@ -332,6 +419,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         mllp_addr: (!args.no_mllp).then_some(args.mllp_addr),
         mllp_egress: args.mllp_egress.clone(),
+        mllp_extra_addrs: args.mllp_extra_addrs.clone(),
+        mllp_ingress: args.mllp_ingress.clone(),
     };
     // The effective configuration (it holds no secrets).
     tracing::info!(
