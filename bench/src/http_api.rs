@@ -46,6 +46,7 @@ pub fn run(
             mllp_egress: Vec::new(),
             mllp_extra_addrs: Vec::new(),
             mllp_ingress: carebus_mllp::IngressConfig::default(),
+            mllp_tls: None,
         };
         let server = tokio::spawn(carebus_server::run(
             config,

@@ -27,7 +27,7 @@ use carebus_hl7::{
     build_ack_without_header, parse_batch,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Decoder;
 
@@ -172,6 +172,27 @@ pub async fn serve(
     config: IngressConfig,
     stats: Arc<IngressStats>,
 ) {
+    serve_with(listener, broker, config, stats, None).await;
+}
+
+/// Serves MLLP over TLS on `listener` until the task is dropped (see [`crate::tls`]).
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    broker: Arc<Broker>,
+    config: IngressConfig,
+    stats: Arc<IngressStats>,
+) {
+    serve_with(listener, broker, config, stats, Some(acceptor)).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: IngressConfig,
+    stats: Arc<IngressStats>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let config = Arc::new(config);
     loop {
@@ -189,10 +210,35 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (broker, config, stats) =
-            (Arc::clone(&broker), Arc::clone(&config), Arc::clone(&stats));
+        let _ = stream.set_nodelay(true);
+        let (broker, config, stats, tls) = (
+            Arc::clone(&broker),
+            Arc::clone(&config),
+            Arc::clone(&stats),
+            tls.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, &broker, &config, &stats).await {
+            let result = match tls {
+                None => connection(stream, peer, &broker, &config, &stats).await,
+                Some(acceptor) => {
+                    // The handshake is bounded like a frame.
+                    match tokio::time::timeout(config.frame_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            connection(tls_stream, peer, &broker, &config, &stats).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "mllp tls handshake refused");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "mllp tls handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "mllp connection closed");
             }
             drop(permit);
@@ -200,14 +246,13 @@ pub async fn serve(
     }
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
     peer: SocketAddr,
     broker: &Broker,
     config: &IngressConfig,
     stats: &IngressStats,
 ) -> Result<(), FrameError> {
-    let _ = stream.set_nodelay(true);
     let mut codec = MllpCodec::new(config.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {

@@ -5,11 +5,12 @@
 pub mod codec;
 pub mod egress;
 pub mod ingress;
+pub mod tls;
 
 pub use codec::{Frame, FrameError, MllpCodec, frame};
 pub use egress::{
     EgressConfig, EgressError, EgressStats, NegativeAckPolicy, run_egress, run_egress_with_stats,
 };
 pub use ingress::{
-    ACK_HEADER, CONTENT_TYPE, IngressConfig, IngressStats, NegativeAck, Route, serve,
+    ACK_HEADER, CONTENT_TYPE, IngressConfig, IngressStats, NegativeAck, Route, serve, serve_tls,
 };

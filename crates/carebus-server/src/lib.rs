@@ -39,6 +39,26 @@ pub struct ServerConfig {
     pub mllp_extra_addrs: Vec<SocketAddr>,
     /// Routing, rejects topic, negative-ACK codes and limits of MLLP ingress.
     pub mllp_ingress: carebus_mllp::IngressConfig,
+    /// An MLLP-over-TLS listener, if any.
+    pub mllp_tls: Option<MllpTls>,
+}
+
+/// An MLLP-over-TLS listener: its address and the TLS settings (certificate, key,
+/// required client CA).
+#[derive(Clone)]
+pub struct MllpTls {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The TLS side (see `carebus_mllp::tls::acceptor`).
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for MllpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MllpTls")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A subscription bound to an MLLP destination.
@@ -159,6 +179,26 @@ pub async fn run(
                         tracing::info!(addr = %bound, "mllp listening");
                         mllp.push(tokio::spawn(carebus_mllp::serve(
                             listener,
+                            Arc::clone(&broker),
+                            config.mllp_ingress.clone(),
+                            Arc::clone(&stats),
+                        )));
+                    }
+                    if let Some(tls) = &config.mllp_tls {
+                        let listener = match tokio::net::TcpListener::bind(tls.addr).await {
+                            Ok(l) => l,
+                            Err(source) => {
+                                return Err(ServerError::Bind {
+                                    addr: tls.addr,
+                                    source,
+                                });
+                            }
+                        };
+                        let bound = listener.local_addr().map_err(ServerError::Http)?;
+                        tracing::info!(addr = %bound, "mllp tls listening");
+                        mllp.push(tokio::spawn(carebus_mllp::serve_tls(
+                            listener,
+                            tls.acceptor.clone(),
                             Arc::clone(&broker),
                             config.mllp_ingress.clone(),
                             Arc::clone(&stats),

@@ -78,6 +78,9 @@ struct ServeArgs {
     /// MLLP ingress settings (only from the config file).
     #[arg(skip)]
     mllp_ingress: carebus_mllp::IngressConfig,
+    /// MLLP over TLS (only from the config file).
+    #[arg(skip)]
+    mllp_tls: Option<carebus_server::MllpTls>,
     /// A TOML file with any of the settings below (keys: data_dir, http_addr,
     /// mllp_addr, mllp (true/false), fsync, max_body_bytes), and `[[mllp_egress]]`
     /// tables (topic, subscription, destination, connections, ack_timeout_ms,
@@ -239,6 +242,21 @@ struct FileConfig {
     mllp_egress: Vec<EgressFile>,
     /// `[mllp_ingress]`: routing, rejects topic, negative-ACK codes, more listeners.
     mllp_ingress: Option<IngressFile>,
+    /// `[mllp_tls]`: an MLLP-over-TLS listener.
+    mllp_tls: Option<TlsFile>,
+}
+
+/// The `[mllp_tls]` table of the config file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    addr: SocketAddr,
+    /// PEM certificate chain of this server.
+    cert: PathBuf,
+    /// PEM private key of this server.
+    key: PathBuf,
+    /// PEM CA certificates: when given, clients must present a certificate it signed.
+    client_ca: Option<PathBuf>,
 }
 
 /// The `[mllp_ingress]` table of the config file.
@@ -364,6 +382,20 @@ fn apply_config_file(
         }
         args.mllp_extra_addrs = ingress.listeners;
     }
+    if let Some(t) = file.mllp_tls {
+        let chain = carebus_mllp::tls::load_certs(&t.cert)?;
+        let key = carebus_mllp::tls::load_key(&t.key)?;
+        let client_ca = t
+            .client_ca
+            .as_deref()
+            .map(carebus_mllp::tls::load_certs)
+            .transpose()?;
+        let acceptor = carebus_mllp::tls::acceptor(chain, key, client_ca)?;
+        args.mllp_tls = Some(carebus_server::MllpTls {
+            addr: t.addr,
+            acceptor,
+        });
+    }
     for e in file.mllp_egress {
         let mut config = carebus_mllp::egress::EgressConfig::new(e.destination);
         if let Some(n) = e.connections {
@@ -421,6 +453,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mllp_egress: args.mllp_egress.clone(),
         mllp_extra_addrs: args.mllp_extra_addrs.clone(),
         mllp_ingress: args.mllp_ingress.clone(),
+        mllp_tls: args.mllp_tls.clone(),
     };
     // The effective configuration (it holds no secrets).
     tracing::info!(
