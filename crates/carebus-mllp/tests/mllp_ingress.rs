@@ -410,3 +410,62 @@ async fn routes_rejects_topic_and_negative_ack_codes_follow_the_configuration() 
             .any(|(n, v)| n == "mllp-reject-reason" && !v.is_empty())
     );
 }
+
+#[tokio::test]
+async fn idle_connections_and_slow_senders_are_closed_and_the_listener_stays_bounded() {
+    let f = start(IngressConfig {
+        idle_timeout: Duration::from_millis(200),
+        frame_timeout: Duration::from_millis(200),
+        max_connections: 2,
+        ..IngressConfig::default()
+    })
+    .await;
+    let closed_within = |mut s: TcpStream, limit: Duration| async move {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(limit, s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    };
+    // Idle: connected, never sends.
+    let idle = TcpStream::connect(f.addr).await.unwrap();
+    assert!(
+        closed_within(idle, Duration::from_secs(5)).await,
+        "idle connection kept open"
+    );
+    // Slow sender: starts a frame and stalls (half a frame, then nothing).
+    let mut slow = TcpStream::connect(f.addr).await.unwrap();
+    slow.write_all(b"\x0bMSH|^~\\&|SLOW").await.unwrap();
+    assert!(
+        closed_within(slow, Duration::from_secs(5)).await,
+        "slow sender kept open"
+    );
+    // Bounded: with two idle connections held, a third is closed at once, and once they
+    // time out a well-behaved sender is served again.
+    let _a = TcpStream::connect(f.addr).await.unwrap();
+    let _b = TcpStream::connect(f.addr).await.unwrap();
+    // Accepted in connection order: a and b take the two places.
+    let third = TcpStream::connect(f.addr).await.unwrap();
+    assert!(
+        closed_within(third, Duration::from_secs(2)).await,
+        "connection over the bound accepted"
+    );
+    assert!(f.stats.refused_connections.load(Ordering::Relaxed) >= 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = TcpStream::connect(f.addr).await.unwrap();
+        s.write_all(&frame(&fixture("valid", "oru_r01_cbc.hl7")))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+            && n > 0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served again after the idle ones timed out"
+        );
+    }
+}
