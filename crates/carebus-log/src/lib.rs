@@ -32,6 +32,7 @@
 mod error;
 mod record;
 mod segment;
+mod verify;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -47,6 +48,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use error::{LogError, Result};
 pub use record::{Record, StoredRecord, now_ms};
+pub use verify::{VerifyReport, verify_dir};
 
 use segment::{
     IndexEntry, IndexHeader, SEGMENT_HEADER_LEN, parse_file_name, read_index_entries,

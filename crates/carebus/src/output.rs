@@ -20,6 +20,8 @@ pub mod exit {
     pub const CONFLICT: u8 = 5;
     /// Server-side error (HTTP 5xx), including `not_ready` and `storage_full`.
     pub const SERVER: u8 = 6;
+    /// `carebus check` found damaged stored data.
+    pub const DAMAGED: u8 = 7;
 }
 
 /// An error that ends a command with a chosen exit code.

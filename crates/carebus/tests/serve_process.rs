@@ -164,3 +164,39 @@ fn a_config_file_fills_what_flags_and_environment_leave_at_their_defaults() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the config file"));
 }
+
+#[test]
+fn a_data_dir_that_cannot_be_used_is_a_clear_error_and_a_non_zero_exit() {
+    // /proc does not allow creating directories, even for root.
+    let out = carebus()
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--no-mllp",
+            "--data-dir",
+            "/proc/carebus-data",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/proc/carebus-data"), "{stderr}");
+    // A regular file where the directory should be.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let out = carebus()
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--no-mllp",
+            "--data-dir",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-dir"));
+}

@@ -1,0 +1,101 @@
+//! Guards `carebus check`: on a data directory whose partition log has a flipped byte
+//! in a sealed segment it reports the damaged file and exits 7; on an intact one it
+//! exits 0; an unfinished write at the end of a log is reported but is not damage; a
+//! missing directory is a clear error (exit 1). It changes nothing it reads.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use carebus_log::{Log, LogConfig, Record, Retention};
+use common::carebus;
+
+fn build(dir: &std::path::Path) -> std::path::PathBuf {
+    let part = dir.join("topics/lab/0");
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        retention: Retention::default(),
+        ..LogConfig::default()
+    };
+    let (log, _) = Log::open(&part, cfg).unwrap();
+    for i in 0..100 {
+        log.append_blocking(&[Record::new(format!("result {i} {}", "x".repeat(100)))])
+            .unwrap();
+    }
+    drop(log);
+    part
+}
+
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn check_reports_damage_in_sealed_segments_and_passes_intact_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = build(dir.path());
+    let out = carebus()
+        .args(["check", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["clean"], true);
+    assert_eq!(v["logs"][0]["records"], 100);
+
+    // An unfinished write at the end of the active segment: reported, not damage.
+    let segs = segments(&part);
+    let mut tail = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segs.last().unwrap())
+        .unwrap();
+    std::io::Write::write_all(&mut tail, &[9u8; 10]).unwrap();
+    let out = carebus()
+        .args(["check", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unfinished write"));
+
+    // A flipped byte in a sealed segment: damage, named, exit 7, file unchanged.
+    let first = &segs[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(first, &bytes).unwrap();
+    let out = carebus()
+        .args(["check", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("DAMAGED") && text.contains(first.file_name().unwrap().to_str().unwrap()),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(first).unwrap(),
+        bytes,
+        "check must not change what it reads"
+    );
+
+    let out = carebus()
+        .args(["check", "--data-dir", "/nonexistent/carebus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a carebus data directory"));
+}
