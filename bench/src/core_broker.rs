@@ -16,6 +16,28 @@ pub struct PublishRun {
     pub messages: u64,
     pub elapsed: Duration,
     pub latency_us: Histogram<u64>,
+    /// CPU time of the whole process (broker and publishers) per message measured.
+    pub cpu_us_per_msg: f64,
+}
+
+/// User + system CPU seconds of this process so far, from /proc (Linux), or 0.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and
+    // 13th of them, in clock ticks (USER_HZ, 100 on Linux).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
 }
 
 impl PublishRun {
@@ -86,26 +108,33 @@ pub fn publish(
     std::thread::sleep(warmup);
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
+    let cpu_start = process_cpu_seconds();
     std::thread::sleep(duration);
     measuring.store(false, Ordering::Relaxed);
+    let cpu = process_cpu_seconds() - cpu_start;
     let elapsed = start.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3)?;
     for h in handles {
         hist.add(runtime.block_on(h)??)?;
     }
+    let messages = counted.load(Ordering::Relaxed);
     Ok(PublishRun {
         keyed,
-        messages: counted.load(Ordering::Relaxed),
+        messages,
         elapsed,
         latency_us: hist,
+        cpu_us_per_msg: cpu * 1e6 / messages.max(1) as f64,
     })
 }
 
 /// The run with the median throughput (all runs are printed to stderr).
 pub fn median(mut runs: Vec<PublishRun>) -> anyhow::Result<PublishRun> {
     runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
-    let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.per_sec())).collect();
+    let all: Vec<String> = runs
+        .iter()
+        .map(|r| format!("{:.0} ({:.1} µs CPU/msg)", r.per_sec(), r.cpu_us_per_msg))
+        .collect();
     let kind = if runs.first().is_some_and(|r| r.keyed) {
         "keyed"
     } else {

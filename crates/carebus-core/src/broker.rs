@@ -374,11 +374,22 @@ impl TopicRuntime {
         key: &[u8],
         now_ms: i64,
     ) -> Result<Option<StoredMessage>, BrokerError> {
+        self.find_by_fingerprint(key, fingerprint(key), now_ms)
+    }
+
+    /// As [`find_by_idempotency_key`](Self::find_by_idempotency_key), with the key's
+    /// fingerprint already computed.
+    fn find_by_fingerprint(
+        &self,
+        key: &[u8],
+        fp: u64,
+        now_ms: i64,
+    ) -> Result<Option<StoredMessage>, BrokerError> {
         let candidates = self
             .dedup
             .lock()
             .map_err(poisoned)?
-            .candidates_by_fingerprint(fingerprint(key), now_ms)?;
+            .candidates_by_fingerprint(fp, now_ms)?;
         for c in candidates {
             match self.read_one(c.partition, c.offset) {
                 Ok(Some(m)) if m.idempotency_key.as_deref() == Some(key) => return Ok(Some(m)),
@@ -558,11 +569,16 @@ impl Broker {
         };
         let log = rt.partition_log(partition)?;
 
-        // Serialise publishes of the same keys (stripes locked in order: no deadlock).
-        let mut stripes: Vec<usize> = messages
+        // Each key is hashed once, for the lock stripe, the lookup and the insert.
+        let fingerprints: Vec<Option<u64>> = messages
             .iter()
-            .filter_map(|m| m.idempotency_key.as_deref())
-            .map(|k| usize::try_from(fingerprint(k) % KEY_STRIPES as u64).unwrap_or(0))
+            .map(|m| m.idempotency_key.as_deref().map(fingerprint))
+            .collect();
+        // Serialise publishes of the same keys (stripes locked in order: no deadlock).
+        let mut stripes: Vec<usize> = fingerprints
+            .iter()
+            .flatten()
+            .map(|fp| usize::try_from(fp % KEY_STRIPES as u64).unwrap_or(0))
             .collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -580,8 +596,8 @@ impl Broker {
         // Within the batch: a later message repeating an earlier key is a duplicate of it.
         let mut first_in_batch: HashMap<Bytes, usize> = HashMap::new();
         let mut repeats: Vec<(usize, usize)> = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let Some(key) = &m.idempotency_key else {
+        for (i, (m, fp)) in messages.iter().zip(&fingerprints).enumerate() {
+            let (Some(key), Some(fp)) = (&m.idempotency_key, *fp) else {
                 to_store.push(i);
                 continue;
             };
@@ -589,7 +605,7 @@ impl Broker {
                 repeats.push((i, j));
                 continue;
             }
-            if let Some(first) = rt.find_by_idempotency_key(key, now)? {
+            if let Some(first) = rt.find_by_fingerprint(key, fp, now)? {
                 let conflict = first.body_hash != m.body_hash();
                 outcomes[i] = Some(PublishOutcome {
                     partition: first.partition,
@@ -600,7 +616,9 @@ impl Broker {
                 });
                 continue;
             }
-            first_in_batch.insert(key.clone(), i);
+            if messages.len() > 1 {
+                first_in_batch.insert(key.clone(), i);
+            }
             to_store.push(i);
         }
 
@@ -621,11 +639,11 @@ impl Broker {
                     conflict: false,
                     durability: ack.durability,
                 });
-                if let Some(m) = messages.get(i) {
-                    match &m.idempotency_key {
-                        Some(k) => {
-                            dedup.insert(
-                                k,
+                if let (Some(m), Some(fp)) = (messages.get(i), fingerprints.get(i)) {
+                    match fp {
+                        Some(fp) => {
+                            dedup.insert_by_fingerprint(
+                                *fp,
                                 DedupEntry {
                                     partition,
                                     offset,

@@ -194,6 +194,10 @@ impl Columns {
         }
     }
 
+    pub(crate) fn fingerprints(&self) -> impl Iterator<Item = u64> + '_ {
+        self.fps.iter().copied()
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = Rec> + '_ {
         (0..self.len()).filter_map(|i| self.get(i))
     }
