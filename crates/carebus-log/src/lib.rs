@@ -30,13 +30,14 @@
 //! ```
 
 mod error;
+mod fs_io;
 mod record;
 mod segment;
 mod verify;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,14 @@ use tokio::sync::{oneshot, watch};
 pub use error::{LogError, Result};
 pub use record::{Record, StoredRecord, now_ms};
 pub use verify::{VerifyReport, verify_dir};
+
+/// Fault injection for tests: a hook that sees (and may fail) every file-system
+/// operation the log performs under a directory. Only with the `fault-injection`
+/// feature; see "Power-loss simulation" in DESIGN.md.
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fault {
+    pub use crate::fs_io::{FsHook, FsOp, HookGuard, OpenMode, install_hook};
+}
 
 use segment::{
     IndexEntry, IndexHeader, SEGMENT_HEADER_LEN, parse_file_name, read_index_entries,
@@ -350,13 +359,9 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<(Log, RecoveryReport)> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| LogError::io("create log directory", &dir, e))?;
+        fs_io::create_dir_all(&dir).map_err(|e| LogError::io("create log directory", &dir, e))?;
         let lock_path = dir.join(".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock = fs_io::open(&lock_path, fs_io::OpenMode::CREATE_KEEP)
             .map_err(|e| LogError::io("open lock file", &lock_path, e))?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -671,10 +676,10 @@ impl Log {
             ..RetentionReport::default()
         };
         for seg in &victims {
-            std::fs::remove_file(&seg.path)
+            fs_io::remove_file(&seg.path)
                 .map_err(|e| LogError::io("delete segment", &seg.path, e))?;
             let idx = segment::index_path(&self.shared.dir, seg.base);
-            match std::fs::remove_file(&idx) {
+            match fs_io::remove_file(&idx) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(LogError::io("delete index", &idx, e)),
@@ -732,27 +737,18 @@ pub(crate) struct WriterState {
 }
 
 fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
+    fs_io::open(path, fs_io::OpenMode::READ_WRITE)
         .map_err(|e| LogError::io("open segment", path, e))
 }
 
 /// Creates a new, empty segment file with its header, durably (file and directory fsynced).
 pub(crate) fn create_segment(dir: &Path, base: u64) -> Result<(PathBuf, File)> {
     let path = segment_path(dir, base);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
+    let file = fs_io::open(&path, fs_io::OpenMode::CREATE_NEW)
         .map_err(|e| LogError::io("create segment", &path, e))?;
-    file.write_all_at(&segment_header(base), 0)
+    fs_io::write_all_at(&file, &path, &segment_header(base), 0)
         .map_err(|e| LogError::io("write segment header", &path, e))?;
-    file.sync_all()
-        .map_err(|e| LogError::io("fsync segment", &path, e))?;
+    fs_io::sync_all(&file, &path).map_err(|e| LogError::io("fsync segment", &path, e))?;
     sync_dir(dir)?;
     Ok((path, file))
 }
@@ -766,7 +762,7 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
     let mut report = RecoveryReport::default();
     let mut logs = Vec::new();
     let mut idxs = Vec::new();
-    let listing = std::fs::read_dir(dir).map_err(|e| LogError::io("list log directory", dir, e))?;
+    let listing = fs_io::read_dir(dir).map_err(|e| LogError::io("list log directory", dir, e))?;
     for entry in listing {
         let entry = entry.map_err(|e| LogError::io("list log directory", dir, e))?;
         let name = entry.file_name();
@@ -777,7 +773,7 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
             idxs.push(base);
         } else if name.ends_with(".idx.tmp") {
             let p = entry.path();
-            std::fs::remove_file(&p).map_err(|e| LogError::io("remove temporary index", &p, e))?;
+            fs_io::remove_file(&p).map_err(|e| LogError::io("remove temporary index", &p, e))?;
             report.removed_files += 1;
         }
     }
@@ -785,7 +781,7 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
     for base in idxs {
         if logs.binary_search(&base).is_err() {
             let p = segment::index_path(dir, base);
-            std::fs::remove_file(&p).map_err(|e| LogError::io("remove orphan index", &p, e))?;
+            fs_io::remove_file(&p).map_err(|e| LogError::io("remove orphan index", &p, e))?;
             report.removed_files += 1;
         }
     }
@@ -799,7 +795,8 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
     };
     for (i, &base) in sealed_bases.iter().enumerate() {
         let path = segment_path(dir, base);
-        let file = File::open(&path).map_err(|e| LogError::io("open segment", &path, e))?;
+        let file = fs_io::open(&path, fs_io::OpenMode::READ)
+            .map_err(|e| LogError::io("open segment", &path, e))?;
         let len = file
             .metadata()
             .map_err(|e| LogError::io("stat segment", &path, e))?
@@ -870,10 +867,6 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
             },
         );
     }
-    if report.rebuilt_indexes > 0 {
-        sync_dir(dir)?;
-    }
-
     // The active segment: scan it and cut a torn tail.
     let path = segment_path(dir, active_base);
     let file = open_rw(&path)?;
@@ -887,12 +880,11 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
             .map_err(|e| LogError::io("read segment", &path, e))?;
         if len <= SEGMENT_HEADER_LEN || (len <= 1 << 20 && all.iter().all(|&b| b == 0)) {
             // Created but its header never reached the disk: nothing was acknowledged in it.
-            file.set_len(0)
+            fs_io::set_len(&file, &path, 0)
                 .map_err(|e| LogError::io("truncate segment", &path, e))?;
-            file.write_all_at(&segment_header(active_base), 0)
+            fs_io::write_all_at(&file, &path, &segment_header(active_base), 0)
                 .map_err(|e| LogError::io("write segment header", &path, e))?;
-            file.sync_all()
-                .map_err(|e| LogError::io("fsync segment", &path, e))?;
+            fs_io::sync_all(&file, &path).map_err(|e| LogError::io("fsync segment", &path, e))?;
             report.truncated_bytes += len;
             report.truncation_reason = Some("segment header never completed".into());
             len = SEGMENT_HEADER_LEN;
@@ -918,10 +910,9 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
         // reached the disk before its data): nothing was there. Anything else is a
         // torn or corrupt batch. Both are cut; only the latter is reported.
         let torn = segment::nonzero_extent(&file, &path, scan.valid_len, len)?;
-        file.set_len(scan.valid_len)
+        fs_io::set_len(&file, &path, scan.valid_len)
             .map_err(|e| LogError::io("truncate torn tail", &path, e))?;
-        file.sync_all()
-            .map_err(|e| LogError::io("fsync segment", &path, e))?;
+        fs_io::sync_all(&file, &path).map_err(|e| LogError::io("fsync segment", &path, e))?;
         if torn > 0 {
             report.truncated_bytes += torn;
             report.truncated_records += u64::from(scan.first_invalid_count.unwrap_or(0));
@@ -933,13 +924,22 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
                 "recovery truncated a torn or corrupt tail"
             );
         }
+    } else {
+        // After a process crash (not a power loss) the batches just scanned may be in
+        // the page cache only. They are about to be served, so they must be durable.
+        fs_io::sync_data(&file, &path).map_err(|e| LogError::io("fsync segment", &path, e))?;
     }
     // An index file for the active segment comes from a roll that did not finish.
     let stale = segment::index_path(dir, active_base);
     if stale.exists() {
-        std::fs::remove_file(&stale).map_err(|e| LogError::io("remove stale index", &stale, e))?;
+        fs_io::remove_file(&stale).map_err(|e| LogError::io("remove stale index", &stale, e))?;
         report.removed_files += 1;
     }
+    // Make the directory entries recovery relied on durable: after a process crash, the
+    // active segment may have been created without its directory fsync yet (and
+    // acknowledged appends to it would vanish with its entry on a power loss); rebuilt
+    // indexes were renamed into place; leftovers were removed.
+    sync_dir(dir)?;
     if let Some((_, last)) = sealed.last_key_value()
         && last.next_offset != active_base
     {

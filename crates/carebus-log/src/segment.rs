@@ -3,12 +3,12 @@
 //! See `DESIGN.md` in this crate for the byte layouts and the fsync order.
 
 use bytes::Bytes;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{LogError, Result};
+use crate::fs_io;
 use crate::record::{Cursor, StoredRecord, decode_records};
 
 /// Magic at the start of every segment file.
@@ -388,17 +388,11 @@ pub(crate) fn write_index(dir: &Path, header: &IndexHeader, entries: &[IndexEntr
     }
     let ecrc = crc32c::crc32c(buf.get(entries_start..).unwrap_or_default());
     buf.extend_from_slice(&ecrc.to_le_bytes());
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
+    let f = fs_io::open(&tmp, fs_io::OpenMode::CREATE_NEW)
         .map_err(|e| LogError::io("create index", &tmp, e))?;
-    f.write_all(&buf)
-        .map_err(|e| LogError::io("write index", &tmp, e))?;
-    f.sync_all()
-        .map_err(|e| LogError::io("fsync index", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| LogError::io("rename index", &path, e))?;
+    fs_io::write_all_at(&f, &tmp, &buf, 0).map_err(|e| LogError::io("write index", &tmp, e))?;
+    fs_io::sync_all(&f, &tmp).map_err(|e| LogError::io("fsync index", &tmp, e))?;
+    fs_io::rename(&tmp, &path).map_err(|e| LogError::io("rename index", &path, e))?;
     Ok(())
 }
 
@@ -467,9 +461,7 @@ pub(crate) fn nonzero_extent(file: &File, path: &Path, from: u64, to: u64) -> Re
 
 /// fsyncs a directory so that created, renamed and deleted entries are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| LogError::io("fsync directory", dir, e))
+    fs_io::sync_dir(dir).map_err(|e| LogError::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! writer is already writing the next groups, so the disk is kept busy with one
 //! fdatasync after another, each covering everything that arrived during the last.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use crate::error::{LogError, Result};
+use crate::fs_io;
 use crate::segment::{self, IndexEntry, IndexHeader};
 use crate::{
     ActiveView, AppendAck, AppendReply, Durability, FsyncPolicy, Request, Sealed, Shared,
@@ -85,7 +85,7 @@ fn poison(shared: &Shared, why: String) {
 
 fn fdatasync(shared: &Shared, file: &std::fs::File, path: &std::path::Path) -> Result<()> {
     let t = Instant::now();
-    let r = file.sync_data();
+    let r = fs_io::sync_data(file, path);
     let c = &shared.counters;
     c.fsyncs.fetch_add(1, Ordering::Relaxed);
     let micros = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -123,6 +123,7 @@ pub(crate) fn run(shared: Arc<Shared>, seg: WriterState, rx: Receiver<Request>) 
         seg,
         syncer: sync_tx,
         buf: Vec::new(),
+        roll_pending: false,
     };
     let mut shutting_down = false;
     while !shutting_down {
@@ -175,6 +176,11 @@ struct Writer {
     seg: WriterState,
     syncer: Sender<SyncerMsg>,
     buf: Vec<u8>,
+    /// A roll started and did not finish (an I/O error). Until one succeeds nothing
+    /// more is written to the active segment: the failed roll may have left its index
+    /// and the next segment's file behind, and on a restart that file would become
+    /// the active segment, starting at an offset later appends here would also use.
+    roll_pending: bool,
 }
 
 impl Writer {
@@ -195,19 +201,19 @@ impl Writer {
             .config
             .segment_max_age
             .is_some_and(|age| self.seg.opened_at.elapsed() >= age);
-        has_data && (full || old)
+        has_data && (full || old || self.roll_pending)
     }
 
     /// Cuts the zero-filled preallocation so the file ends with its last batch.
     fn trim_preallocation(&mut self) {
         if self.seg.allocated > self.seg.len {
-            match self.seg.file.set_len(self.seg.len) {
+            match fs_io::set_len(&self.seg.file, &self.seg.path, self.seg.len) {
                 Ok(()) => self.seg.allocated = self.seg.len,
                 Err(e) => {
                     tracing::warn!(segment = %self.seg.path.display(), error = %e, "cannot trim preallocation")
                 }
             }
-            let _ = self.seg.file.sync_all();
+            let _ = fs_io::sync_all(&self.seg.file, &self.seg.path);
         }
     }
 
@@ -221,9 +227,7 @@ impl Writer {
         // to it, and zeros follow.
         if target > end {
             let zeros = vec![0u8; usize::try_from(target - end).unwrap_or(0)];
-            self.seg
-                .file
-                .write_all_at(&zeros, end)
+            fs_io::write_all_at(&self.seg.file, &self.seg.path, &zeros, end)
                 .map_err(|e| LogError::io("preallocate", &self.seg.path, e))?;
         }
         self.seg.allocated = target.max(end);
@@ -232,6 +236,7 @@ impl Writer {
 
     /// Seals the active segment once all of it is durable, and starts a new one.
     fn roll(&mut self) -> Result<()> {
+        self.roll_pending = true;
         self.barrier()?;
         self.trim_preallocation();
         // Under the interval policy the barrier does not fsync; a sealed segment must be durable.
@@ -293,6 +298,7 @@ impl Writer {
             next_offset: base,
             entries: Vec::new(),
         };
+        self.roll_pending = false;
         tracing::debug!(dir = %dir.display(), sealed = old.base, new_base = base, "segment rolled");
         Ok(())
     }
@@ -378,14 +384,12 @@ impl Writer {
         }
         let end = start_len + self.buf.len() as u64;
         let written = self.preallocate(end).and_then(|()| {
-            self.seg
-                .file
-                .write_all_at(&self.buf, start_len)
+            fs_io::write_all_at(&self.seg.file, &self.seg.path, &self.buf, start_len)
                 .map_err(|e| LogError::io("write", &self.seg.path, e))
         });
         if let Err(err) = written {
             // Cut whatever part of the write landed, so the next append starts clean.
-            match self.seg.file.set_len(start_len) {
+            match fs_io::set_len(&self.seg.file, &self.seg.path, start_len) {
                 Ok(()) => self.seg.allocated = start_len,
                 Err(t) => poison(&self.shared, format!("could not undo a failed write: {t}")),
             }
