@@ -575,17 +575,23 @@ impl Broker {
             .map(|m| m.idempotency_key.as_deref().map(fingerprint))
             .collect();
         // Serialise publishes of the same keys (stripes locked in order: no deadlock).
-        let mut stripes: Vec<usize> = fingerprints
-            .iter()
-            .flatten()
-            .map(|fp| usize::try_from(fp % KEY_STRIPES as u64).unwrap_or(0))
-            .collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for s in stripes {
-            if let Some(m) = rt.key_stripes.get(s) {
-                guards.push(m.lock().await);
+        let stripe = |fp: &u64| usize::try_from(fp % KEY_STRIPES as u64).unwrap_or(0);
+        // The common single-message publish locks its one stripe without allocating.
+        let mut single_guard = None;
+        let mut guards = Vec::new();
+        if let [Some(fp)] = fingerprints.as_slice() {
+            if let Some(m) = rt.key_stripes.get(stripe(fp)) {
+                single_guard = Some(m.lock().await);
+            }
+        } else {
+            let mut stripes: Vec<usize> = fingerprints.iter().flatten().map(stripe).collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            guards.reserve(stripes.len());
+            for s in stripes {
+                if let Some(m) = rt.key_stripes.get(s) {
+                    guards.push(m.lock().await);
+                }
             }
         }
 
@@ -673,6 +679,7 @@ impl Broker {
             }
         }
         drop(guards);
+        drop(single_guard);
         let outcomes: Vec<PublishOutcome> = outcomes.into_iter().flatten().collect();
         let dups = outcomes.iter().filter(|o| o.duplicate).count() as u64;
         let conflicts = outcomes.iter().filter(|o| o.conflict).count() as u64;
