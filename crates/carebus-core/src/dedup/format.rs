@@ -111,7 +111,7 @@ pub(crate) struct Bloom {
 }
 
 impl Bloom {
-    pub(crate) fn for_keys(n: u64) -> Self {
+    fn for_keys(n: u64) -> Self {
         let bits = n.saturating_mul(BLOOM_BITS_PER_KEY).max(64);
         let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX >> 8);
         Bloom {
@@ -129,16 +129,12 @@ impl Bloom {
         })
     }
 
-    pub(crate) fn add(&mut self, fp: u64) {
+    fn add(&mut self, fp: u64) {
         for (w, mask) in self.positions(fp) {
             if let Some(word) = self.words.get_mut(w) {
                 *word |= mask;
             }
         }
-    }
-
-    pub(crate) fn memory_bytes(&self) -> usize {
-        self.words.capacity() * 8
     }
 
     pub(crate) fn may_contain(&self, fp: u64) -> bool {

@@ -91,8 +91,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use format::{Bloom, DiskRun, Manifest, RunWriter, io_err};
-use mem::{Buffer, Columns, Rec, merge};
+use format::{DiskRun, Manifest, RunWriter, io_err};
+use mem::{BlockedBloom, Buffer, Columns, Rec, merge};
 
 /// Configuration of one topic's deduplication index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,12 +159,12 @@ struct ResidentRun {
     cols: Columns,
     /// Lets a lookup of an absent key (the common case: a new message) skip the run
     /// after a probe or two instead of a binary search with a cache miss per step.
-    bloom: Bloom,
+    bloom: BlockedBloom,
 }
 
 impl ResidentRun {
     fn new(id: Option<u64>, cols: Columns) -> Self {
-        let mut bloom = Bloom::for_keys(cols.len() as u64);
+        let mut bloom = BlockedBloom::for_keys(cols.len());
         for fp in cols.fingerprints() {
             bloom.add(fp);
         }
