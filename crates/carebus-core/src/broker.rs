@@ -629,10 +629,17 @@ impl Broker {
         }
 
         if !to_store.is_empty() {
+            // Each body is hashed once: for its stored header and its dedup entry.
+            let hashes: Vec<u64> = to_store
+                .iter()
+                .filter_map(|&i| messages.get(i))
+                .map(PublishMessage::body_hash)
+                .collect();
             let records: Vec<_> = to_store
                 .iter()
                 .filter_map(|&i| messages.get(i))
-                .map(|m| m.to_record(now))
+                .zip(&hashes)
+                .map(|(m, h)| m.to_record_with_hash(now, *h))
                 .collect();
             let ack = log.append(&records).await?;
             let mut dedup = rt.dedup.lock().map_err(poisoned)?;
@@ -645,7 +652,7 @@ impl Broker {
                     conflict: false,
                     durability: ack.durability,
                 });
-                if let (Some(m), Some(fp)) = (messages.get(i), fingerprints.get(i)) {
+                if let (Some(body_hash), Some(fp)) = (hashes.get(n), fingerprints.get(i)) {
                     match fp {
                         Some(fp) => {
                             dedup.insert_by_fingerprint(
@@ -653,7 +660,7 @@ impl Broker {
                                 DedupEntry {
                                     partition,
                                     offset,
-                                    body_hash: m.body_hash(),
+                                    body_hash: *body_hash,
                                     timestamp_ms: now,
                                 },
                             )?;

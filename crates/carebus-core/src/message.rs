@@ -56,6 +56,11 @@ impl PublishMessage {
     }
 
     pub(crate) fn to_record(&self, timestamp_ms: i64) -> Record {
+        self.to_record_with_hash(timestamp_ms, self.body_hash())
+    }
+
+    /// As [`to_record`](Self::to_record), with the body hash already computed.
+    pub(crate) fn to_record_with_hash(&self, timestamp_ms: i64, body_hash: u64) -> Record {
         let mut headers = Vec::with_capacity(self.headers.len() + 3);
         if let Some(k) = &self.idempotency_key {
             headers.push((IDEMPOTENCY_KEY.to_owned(), k.clone()));
@@ -65,7 +70,7 @@ impl PublishMessage {
         }
         headers.push((
             BODY_HASH.to_owned(),
-            Bytes::copy_from_slice(&self.body_hash().to_le_bytes()),
+            Bytes::copy_from_slice(&body_hash.to_le_bytes()),
         ));
         for (name, value) in &self.headers {
             headers.push((format!("{USER_PREFIX}{name}"), value.clone()));
