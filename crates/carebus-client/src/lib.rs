@@ -283,8 +283,13 @@ impl Client {
         sub: &str,
         options: &ReceiveOptions,
     ) -> Result<Vec<Delivery>, Error> {
+        /// The answer, decoded in one pass (no `Value` tree of up to 1000 bodies).
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            deliveries: Vec<Delivery>,
+        }
         let wait = Duration::from_millis(options.wait_ms.unwrap_or(0));
-        let v: Value = self
+        let answer: Answer = self
             .send_json(
                 Method::POST,
                 &["v1", "topics", topic, "subscriptions", sub, "receive"],
@@ -292,7 +297,7 @@ impl Client {
                 Some(self.timeouts.request.max(wait + POLL_MARGIN)),
             )
             .await?;
-        field(v, "deliveries")
+        Ok(answer.deliveries)
     }
 
     /// `POST …/{sub}/ack` by delivery ids. Ids the server refuses are listed in the

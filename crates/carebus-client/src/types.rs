@@ -444,17 +444,28 @@ pub struct CommitResult {
 /// Serde for `body_base64` as bytes.
 pub(crate) mod base64_body {
     use base64::Engine as _;
-    use serde::{Deserialize, Deserializer};
+    use serde::Deserializer;
 
     pub(crate) fn serialize<S: serde::Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(body))
     }
 
+    /// Decodes straight from the JSON text (no intermediate `String` when the reader
+    /// can lend it, as with `serde_json::from_slice`).
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)
+        struct Base64Visitor;
+        impl serde::de::Visitor<'_> for Base64Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a base64 string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Base64Visitor)
     }
 }
 
