@@ -5,6 +5,10 @@
 //! then report ready on `/readyz`. A shutdown signal stops accepting connections, lets
 //! in-flight requests finish, checkpoints the deduplication indexes and closes the
 //! broker (which syncs every log) before [`run`] returns.
+//!
+//! The HTTP listener is guarded ([`HttpLimits`], see `listener.rs`): a bound on open
+//! connections (the excess waits in the kernel's accept queue) and a deadline for every
+//! request head (slowloris, idle keep-alive connections).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,10 +18,12 @@ use std::sync::Arc;
 use carebus_core::{Broker, BrokerConfig, BrokerError};
 use carebus_http::{BrokerSlot, HttpConfig};
 use carebus_log::LogConfig;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 pub use carebus_http::DEFAULT_MAX_BODY_BYTES;
+pub use listener::{DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_CONNECTIONS, HttpLimits};
+
+mod listener;
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -96,19 +102,35 @@ pub enum ServerError {
 }
 
 /// Runs until `shutdown` resolves. `bound` receives the actual HTTP address once listening.
+/// The HTTP listener has the default [`HttpLimits`].
 pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     bound: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServerError> {
-    let listener = TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
+    run_with_limits(config, HttpLimits::default(), shutdown, bound).await
+}
+
+/// [`run`] with these limits on the HTTP listener (open connections, time allowed for
+/// a request head).
+pub async fn run_with_limits(
+    config: ServerConfig,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    bound: Option<oneshot::Sender<SocketAddr>>,
+) -> Result<(), ServerError> {
+    let listener = listener::bind(config.http_addr).map_err(|source| ServerError::Bind {
+        addr: config.http_addr,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(ServerError::Http)?;
-    tracing::info!(%addr, max_body_bytes = config.max_body_bytes, "http listening");
+    tracing::info!(
+        %addr,
+        max_body_bytes = config.max_body_bytes,
+        max_connections = limits.max_connections,
+        header_timeout_ms = u64::try_from(limits.header_timeout.as_millis()).unwrap_or(u64::MAX),
+        "http listening"
+    );
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }
@@ -121,6 +143,7 @@ pub async fn run(
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();
+    let listener = listener::GuardedListener::new(listener, limits);
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -210,7 +210,8 @@ struct ServeArgs {
     #[arg(skip)]
     mllp_tls: Option<carebus_server::MllpTls>,
     /// A TOML file with any of the settings below (keys: data_dir, http_addr,
-    /// mllp_addr, mllp (true/false), fsync, max_body_bytes), and `[[mllp_egress]]`
+    /// mllp_addr, mllp (true/false), fsync, max_body_bytes, http_max_connections,
+    /// http_header_timeout_ms), and `[[mllp_egress]]`
     /// tables (topic, subscription, destination, connections, ack_timeout_ms,
     /// on_negative_ack = "dead_letter" | "retry"). Precedence: command-line flag, then
     /// environment variable, then this file, then the built-in default.
@@ -237,6 +238,31 @@ struct ServeArgs {
     /// Largest HTTP request body accepted, in bytes (larger ones are answered 413).
     #[arg(long, default_value_t = carebus_server::DEFAULT_MAX_BODY_BYTES, env = "CAREBUS_MAX_BODY_BYTES", value_parser = parse_max_body)]
     max_body_bytes: usize,
+    /// HTTP connections open at once; at the bound, new connections wait in the
+    /// kernel's accept queue until one closes.
+    #[arg(long, default_value_t = carebus_server::DEFAULT_HTTP_MAX_CONNECTIONS, env = "CAREBUS_HTTP_MAX_CONNECTIONS", value_parser = parse_positive)]
+    http_max_connections: usize,
+    /// Milliseconds an HTTP client has to send a complete request head (request line
+    /// and headers), counted from the connection's start or the previous answer; idle
+    /// keep-alive connections are closed after it too (slowloris defence).
+    #[arg(long, default_value_t = 30_000, env = "CAREBUS_HTTP_HEADER_TIMEOUT_MS", value_parser = parse_positive_u64)]
+    http_header_timeout_ms: u64,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("must be a positive number: {e}")),
+    }
+}
+
+fn parse_positive_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("must be a positive number: {e}")),
+    }
 }
 
 fn parse_max_body(s: &str) -> Result<usize, String> {
@@ -289,6 +315,12 @@ async fn shutdown_signal() {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
     }
 }
+
+/// mimalloc instead of glibc's malloc: serving HTTP allocates per request, and glibc's
+/// malloc/free/consolidation took ~16 % of the server's CPU under the W1 publish load
+/// (perf, BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -369,6 +401,8 @@ struct FileConfig {
     mllp: Option<bool>,
     fsync: Option<String>,
     max_body_bytes: Option<usize>,
+    http_max_connections: Option<usize>,
+    http_header_timeout_ms: Option<u64>,
     /// `[[mllp_egress]]` tables: subscriptions delivered to MLLP destinations.
     #[serde(default)]
     mllp_egress: Vec<EgressFile>,
@@ -568,6 +602,25 @@ fn apply_config_file(
         );
         args.max_body_bytes = v;
     }
+    if let (true, Some(v)) = (defaulted("http_max_connections"), file.http_max_connections) {
+        anyhow::ensure!(
+            v > 0,
+            "http_max_connections in {} must be at least 1",
+            path.display()
+        );
+        args.http_max_connections = v;
+    }
+    if let (true, Some(v)) = (
+        defaulted("http_header_timeout_ms"),
+        file.http_header_timeout_ms,
+    ) {
+        anyhow::ensure!(
+            v > 0,
+            "http_header_timeout_ms in {} must be at least 1",
+            path.display()
+        );
+        args.http_header_timeout_ms = v;
+    }
     Ok(args)
 }
 
@@ -595,15 +648,63 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mllp_addr = %config.mllp_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         fsync = %args.fsync,
         max_body_bytes = config.max_body_bytes,
+        http_max_connections = args.http_max_connections,
+        http_header_timeout_ms = args.http_header_timeout_ms,
         "starting carebus"
     );
+    let limits = carebus_server::HttpLimits {
+        max_connections: args.http_max_connections,
+        header_timeout: std::time::Duration::from_millis(args.http_header_timeout_ms),
+    };
+    let data_dir = config.data_dir.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime
-        .block_on(carebus_server::run(config, shutdown_signal(), None))
-        .context("carebus serve failed")?;
+        .block_on(carebus_server::run_with_limits(
+            config,
+            limits,
+            shutdown_signal(),
+            None,
+        ))
+        .map_err(|e| {
+            let what = unwritable_data_dir(&e, &data_dir);
+            anyhow::Error::new(e).context(what)
+        })?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// What to say above a failed `serve`: names the data directory when the cause is that
+/// it cannot be written (a read-only file system, no permission, or not a directory).
+fn unwritable_data_dir(e: &carebus_server::ServerError, data_dir: &std::path::Path) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if data_dir.exists() && !data_dir.is_dir() {
+                return format!(
+                    "carebus serve failed: the data directory {} is not a directory",
+                    data_dir.display()
+                );
+            }
+            match io.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem => {
+                    return format!(
+                        "carebus serve failed: the data directory {} is on a read-only file system; carebus needs to write there",
+                        data_dir.display()
+                    );
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    return format!(
+                        "carebus serve failed: the data directory {} is not writable (permission denied)",
+                        data_dir.display()
+                    );
+                }
+                _ => {}
+            }
+        }
+        source = err.source();
+    }
+    "carebus serve failed".to_owned()
 }

@@ -1,0 +1,497 @@
+//! The HTTP listener's defences against hostile clients, below axum and hyper.
+//!
+//! - **A bound on open connections.** A permit is taken *before* a connection is
+//!   accepted, so at the bound the listener stops accepting: further connections wait
+//!   in the kernel's accept queue (a well-behaved client sees latency, not a reset) and
+//!   cost the process neither a file descriptor nor memory. The permit travels with the
+//!   connection and is given back when hyper drops it. The accept queue is 1024 long
+//!   (std's default is 128); past it the kernel drops SYNs and clients retry.
+//! - **A deadline for every request head** (slowloris): from the moment the server is
+//!   waiting for a request — the connection was accepted, or it wrote its last response —
+//!   the head (request line and headers, up to the empty line) must have arrived within
+//!   the header timeout, however slowly the bytes trickle in; otherwise the connection is
+//!   closed. An idle keep-alive connection is therefore closed after the same time, as
+//!   hyper's own `header_read_timeout` would (axum's `serve` installs no timer, so that
+//!   one never fires). Head size is left to hyper (about 400 KiB, then 431).
+//!   A `100 Continue` written after a head does not start a new wait: the body follows.
+//! - **A stalled write** (a client that stops reading its answers) is given up after the
+//!   same timeout without progress.
+//!
+//! A long poll is not affected: once the head has arrived, nothing is timed until the
+//! server writes the answer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// More bytes than hyper ever buffers for one request head: past this many bytes since
+/// the server last wrote, what arrives is a body (after `100 Continue`), not a head.
+const MAX_HEAD_SCAN: usize = 1 << 20;
+
+/// Limits of the HTTP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; at the bound new ones wait in the kernel's queue.
+    pub max_connections: usize,
+    /// Time allowed for a request head (and for an idle keep-alive connection, and for
+    /// a stalled write).
+    pub header_timeout: Duration,
+}
+
+/// Default bound on open HTTP connections.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
+/// Default time allowed for a request head: 30 s, hyper's own default.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+        }
+    }
+}
+
+/// Length of the kernel's accept queue of the HTTP listener: where connections wait
+/// while the bound is reached (std's default is 128; the kernel caps it at
+/// `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 1024;
+
+/// Binds a TCP listener (`SO_REUSEADDR`, as std does) with [`ACCEPT_BACKLOG`].
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
+/// A TCP listener that applies [`HttpLimits`] (an [`axum::serve::Listener`]).
+pub(crate) struct GuardedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    header_timeout: Duration,
+    max_connections: usize,
+    /// Whether "limit reached" was logged since the last time a permit was free.
+    saturated: AtomicBool,
+}
+
+impl GuardedListener {
+    pub(crate) fn new(inner: TcpListener, limits: HttpLimits) -> Self {
+        let max_connections = limits.max_connections.max(1);
+        GuardedListener {
+            inner,
+            permits: Arc::new(Semaphore::new(max_connections)),
+            header_timeout: limits.header_timeout,
+            max_connections,
+            saturated: AtomicBool::new(false),
+        }
+    }
+
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = Arc::clone(&self.permits).try_acquire_owned() {
+            self.saturated.store(false, Ordering::Relaxed);
+            return Some(p);
+        }
+        if !self.saturated.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_connections = self.max_connections,
+                "http connection limit reached: new connections wait until one closes"
+            );
+        }
+        // The semaphore is never closed.
+        Arc::clone(&self.permits).acquire_owned().await.ok()
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = GuardedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(permit) = self.permit().await else {
+                // Unreachable (the semaphore is never closed); do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        GuardedStream::new(stream, permit, self.header_timeout),
+                        peer,
+                    );
+                }
+                Err(e) => {
+                    drop(permit);
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) {
+                        // E.g. out of file descriptors: wait for some to be closed.
+                        tracing::error!(error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Finds the end of an HTTP/1 request head (an empty line) in bytes arriving in pieces.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// A byte other than CR/LF was seen (empty lines before a request are skipped).
+    started: bool,
+    /// The last line ended and nothing but CR followed it yet.
+    at_line_start: bool,
+}
+
+impl HeadScan {
+    /// Feeds bytes; true once the empty line ending the head has been seen.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            match b {
+                b'\n' if self.started && self.at_line_start => return true,
+                b'\n' => self.at_line_start = self.started,
+                b'\r' => {}
+                _ => {
+                    self.started = true;
+                    self.at_line_start = false;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// An accepted HTTP connection with its permit and deadlines.
+pub(crate) struct GuardedStream {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    timeout: Duration,
+    /// Waiting for a request head since `head_since`.
+    awaiting_head: bool,
+    head_since: Instant,
+    /// The timer of `head_since` + timeout, once polled.
+    head_deadline: Option<Pin<Box<Sleep>>>,
+    scan: HeadScan,
+    head_bytes: usize,
+    /// Set while a write is blocked, cleared by progress.
+    write_deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl GuardedStream {
+    fn new(inner: TcpStream, permit: OwnedSemaphorePermit, timeout: Duration) -> Self {
+        GuardedStream {
+            inner,
+            _permit: permit,
+            timeout,
+            awaiting_head: true,
+            head_since: Instant::now(),
+            head_deadline: None,
+            scan: HeadScan::default(),
+            head_bytes: 0,
+            write_deadline: None,
+        }
+    }
+
+    /// The server answered: the next request head is awaited from now. The deadline is
+    /// registered with this task right away: hyper may not read again before the
+    /// client sends something, and the timer must wake it.
+    fn wrote(&mut self, cx: &mut Context<'_>, first: &[u8]) {
+        self.write_deadline = None;
+        if !self.awaiting_head && first.starts_with(b"HTTP/1.1 100 ") {
+            // `100 Continue`: the body follows, not a new head.
+            return;
+        }
+        self.awaiting_head = true;
+        self.scan = HeadScan::default();
+        self.head_bytes = 0;
+        self.head_since = Instant::now();
+        self.head_deadline = None;
+        let _ = self.head_late(cx);
+    }
+
+    fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.head_since + self.timeout;
+        self.head_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+
+    fn write_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.timeout;
+        let deadline = self
+            .write_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what.to_owned())
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.awaiting_head {
+                    let new = &buf.filled()[before..];
+                    this.head_bytes = this.head_bytes.saturating_add(new.len());
+                    if this.scan.feed(new) || this.head_bytes > MAX_HEAD_SCAN {
+                        this.awaiting_head = false;
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if this.awaiting_head && this.head_late(cx) {
+                    tracing::debug!(
+                        received = this.head_bytes,
+                        "http connection closed: no complete request head within the header timeout"
+                    );
+                    return Poll::Ready(Err(timed_out("request head not received in time")));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.wrote(cx, buf);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if this.write_stalled(cx) {
+                    tracing::debug!("http connection closed: the client stopped reading");
+                    return Poll::Ready(Err(timed_out("client stopped reading")));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    let first = bufs
+                        .iter()
+                        .find(|b| !b.is_empty())
+                        .map_or(&[][..], |b| &b[..]);
+                    this.wrote(cx, first);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if this.write_stalled(cx) {
+                    tracing::debug!("http connection closed: the client stopped reading");
+                    return Poll::Ready(Err(timed_out("client stopped reading")));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_head_ends_at_the_first_empty_line_in_any_split() {
+        let head = b"\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\nBODY";
+        for split in 0..head.len() {
+            let mut s = HeadScan::default();
+            let (a, b) = head.split_at(split);
+            let done = s.feed(a) || s.feed(b);
+            assert!(done, "split at {split}");
+        }
+        let mut s = HeadScan::default();
+        assert!(!s.feed(b"GET /x HTTP/1.1\r\nHost: a\r\n"));
+        assert!(s.feed(b"\n"), "bare LF line endings count too");
+        let mut s = HeadScan::default();
+        assert!(!s.feed(b"\r\n\r\n\n\n"), "leading empty lines are skipped");
+    }
+
+    async fn pair(limits: HttpLimits) -> (GuardedListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (GuardedListener::new(l, limits), addr)
+    }
+
+    #[tokio::test]
+    async fn a_trickled_head_is_cut_off_and_a_long_wait_after_a_head_is_not() {
+        use axum::serve::Listener as _;
+        let limits = HttpLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+        };
+        let (mut listener, addr) = pair(limits).await;
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            for b in b"GET / HTTP/1.1\r\nHost: x\r\n" {
+                if c.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            c
+        });
+        let (mut io, _) = listener.accept().await;
+        let t0 = Instant::now();
+        let mut buf = [0u8; 64];
+        let err = loop {
+            match io.read(&mut buf).await {
+                Ok(0) => panic!("eof before the deadline"),
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        drop(client);
+
+        // A complete head, then nothing for longer than the timeout: not cut off
+        // (a long poll), and after the answer the deadline runs again.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = listener.accept().await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        let waited = tokio::time::timeout(Duration::from_millis(700), io.read(&mut buf)).await;
+        assert!(waited.is_err(), "no deadline while the request is served");
+        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_body_after_100_continue_is_not_taken_for_a_late_head() {
+        use axum::serve::Listener as _;
+        let limits = HttpLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+        };
+        let (mut listener, addr) = pair(limits).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = listener.accept().await;
+        c.write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = [0u8; 256];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        // The body comes slowly, without an empty line: no deadline.
+        let sender = tokio::spawn(async move {
+            for _ in 0..10 {
+                c.write_all(b"0123456789").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            c
+        });
+        let mut got = 0;
+        while got < 100 {
+            got += io.read(&mut buf).await.unwrap();
+        }
+        let _c = sender.await.unwrap();
+        // The answer starts the wait for the next head.
+        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn at_the_bound_connections_wait_until_one_closes() {
+        use axum::serve::Listener as _;
+        let limits = HttpLimits {
+            max_connections: 1,
+            header_timeout: Duration::from_secs(30),
+        };
+        let (mut listener, addr) = pair(limits).await;
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let (first, _) = listener.accept().await;
+        let second = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(
+            second.is_err(),
+            "a second connection was accepted over the bound"
+        );
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
+        assert!(second.is_ok(), "the waiting connection was not accepted");
+    }
+}
