@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p carebus-bench -- log --dir /path/on/the/disk/to/test`
 
+mod compare;
 mod core_broker;
 mod dedup_memory;
 mod disk;
@@ -24,6 +25,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// carebus against peer brokers (NATS JetStream, RabbitMQ quorum queues), W1–W6,
+    /// with the disk's limits measured in the same run; markdown report + PNG chart.
+    Compare(compare::CompareArgs),
     /// Storage log append throughput and latency against raw write+fdatasync.
     Log {
         /// Directory on the filesystem to measure (a temporary directory is made inside).
@@ -103,9 +107,14 @@ enum Command {
     },
 }
 
+/// The same allocator as the `carebus` binary, so in-process measurements match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Compare(args) => compare::run(args),
         Command::Http {
             dir,
             seconds,

@@ -1,0 +1,245 @@
+//! carebus: the real `carebus serve` binary, driven over HTTP through `carebus-client`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use carebus_client::{
+    Client, Durability, Message, ReceiveOptions, SubscriptionConfig, TopicConfig,
+};
+use hdrhistogram::Histogram;
+
+use super::driver::{BoxFut, Consumer, Driver, Received, now_ns, oru};
+use super::procs::{Server, free_port, wait_ready};
+use super::workloads::{Throughput, record};
+
+/// The `carebus` binary: the option, else `$CARGO_TARGET_DIR/release/carebus`, else
+/// beside this benchmark's own binary, else the workspace's `target/release/carebus`.
+pub fn locate(option: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = option {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    let mut candidates = Vec::new();
+    if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(t).join("release/carebus"));
+    }
+    // Beside this benchmark binary (the same target directory).
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join("carebus"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/carebus"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+pub fn version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The command line the harness runs (written into the report).
+pub fn settings(bin: &Path) -> String {
+    format!(
+        "`{} serve --data-dir <run dir>/carebus --http-addr 127.0.0.1:<free port> --no-mllp` \
+         (defaults otherwise: `--fsync always`, i.e. fdatasync before every acknowledgement, \
+         shared by concurrent writers; topics with 1 partition)",
+        bin.display()
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct CarebusDriver {
+    pub client: Client,
+    /// Set when an acknowledgement said `buffered` instead of `fsynced`.
+    pub saw_buffered: Arc<AtomicBool>,
+}
+
+/// Starts `carebus serve` with its data in `dir` and waits until `/v1` answers.
+pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<(Server, CarebusDriver)> {
+    let data = dir.join("carebus");
+    std::fs::create_dir_all(&data)?;
+    let port = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--no-mllp")
+        .env("CAREBUS_LOG", "warn");
+    let mut server = Server::spawn("carebus", cmd, &dir.join("carebus.log"))?;
+    let client = Client::new(&format!("http://127.0.0.1:{port}"))?;
+    let c = client.clone();
+    wait_ready(&mut server, Duration::from_secs(60), || {
+        let c = c.clone();
+        async move {
+            c.list_topics().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((
+        server,
+        CarebusDriver {
+            client,
+            saw_buffered: Arc::new(AtomicBool::new(false)),
+        },
+    ))
+}
+
+impl Driver for CarebusDriver {
+    fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.client
+                .put_topic(topic, &TopicConfig::default())
+                .await?;
+            for s in subs {
+                self.client
+                    .put_subscription(topic, s, &SubscriptionConfig::default())
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(&'a self, topic: &'a str, key: &'a str, body: Bytes) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let m = Message::new(body.to_vec()).idempotency_key(key);
+            let o = self.client.publish(topic, &m).await?;
+            anyhow::ensure!(!o.conflict, "conflict for key {key}");
+            if o.durability != Durability::Fsynced {
+                self.saw_buffered.store(true, Ordering::Relaxed);
+            }
+            Ok(o.duplicate)
+        })
+    }
+
+    fn consumer<'a>(
+        &'a self,
+        topic: &'a str,
+        sub: &'a str,
+        name: &'a str,
+    ) -> BoxFut<'a, Box<dyn Consumer>> {
+        Box::pin(async move {
+            let c: Box<dyn Consumer> = Box::new(CarebusConsumer {
+                client: self.client.clone(),
+                topic: topic.to_owned(),
+                sub: sub.to_owned(),
+                name: name.to_owned(),
+            });
+            Ok(c)
+        })
+    }
+}
+
+struct CarebusConsumer {
+    client: Client,
+    topic: String,
+    sub: String,
+    name: String,
+}
+
+impl Consumer for CarebusConsumer {
+    fn receive_ack(&mut self, max: usize, wait: Duration) -> BoxFut<'_, Received> {
+        Box::pin(async move {
+            let opts = ReceiveOptions {
+                max: Some(u32::try_from(max.clamp(1, 1000)).unwrap_or(1000)),
+                wait_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(60_000)),
+                consumer: Some(self.name.clone()),
+            };
+            let ds = self.client.receive(&self.topic, &self.sub, &opts).await?;
+            let at_ns = now_ns();
+            if ds.is_empty() {
+                return Ok(Received::default());
+            }
+            let ids: Vec<u64> = ds.iter().map(|d| d.delivery_id).collect();
+            let settled = self.client.ack(&self.topic, &self.sub, &ids).await?;
+            anyhow::ensure!(
+                settled.refused.is_empty(),
+                "{} acks refused",
+                settled.refused.len()
+            );
+            Ok(Received {
+                at_ns,
+                bodies: ds.into_iter().map(|d| Bytes::from(d.body)).collect(),
+            })
+        })
+    }
+}
+
+/// carebus only: `publish_batch` (messages:batch) with `batch` messages per request and
+/// `inflight` requests outstanding, each message with its own idempotency key.
+pub async fn batch_publish(
+    d: &CarebusDriver,
+    topic: &str,
+    batch: usize,
+    inflight: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Throughput> {
+    d.setup(topic, &[]).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..inflight {
+        let (client, stop, measuring, counted, total) = (
+            d.client.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&measuring),
+            Arc::clone(&counted),
+            Arc::clone(&total),
+        );
+        let topic = topic.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3)?;
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let msgs: Vec<Message> = (0..batch)
+                    .map(|_| {
+                        seq += 1;
+                        let key = format!("B-{t:03}-{seq:010}");
+                        Message::new(oru(&key, 0).to_vec()).idempotency_key(key)
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                let out = client.publish_batch(&topic, &msgs).await?;
+                anyhow::ensure!(out.iter().all(|o| !o.duplicate), "unexpected duplicate");
+                total.fetch_add(batch as u64, Ordering::Relaxed);
+                if measuring.load(Ordering::Relaxed) {
+                    record(&mut hist, t0.elapsed())?;
+                    counted.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    Ok(Throughput {
+        messages: counted.load(Ordering::Relaxed),
+        total: total.load(Ordering::Relaxed),
+        elapsed,
+        latency_us: hist,
+    })
+}
