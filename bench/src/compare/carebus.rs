@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 
 use super::driver::{BoxFut, Consumer, Driver, Received, now_ns, oru};
 use super::procs::{Server, free_port, wait_ready};
-use super::workloads::{Throughput, record};
+use super::workloads::{Throughput, measure_window, record};
 
 /// The `carebus` binary: the option, else `$CARGO_TARGET_DIR/release/carebus`, else
 /// beside this benchmark's own binary, else the workspace's `target/release/carebus`.
@@ -225,21 +225,12 @@ pub async fn batch_publish(
             Ok::<_, anyhow::Error>(hist)
         }));
     }
-    tokio::time::sleep(warmup).await;
-    measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    tokio::time::sleep(duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        hist.add(t.await??)?;
-    }
-    Ok(Throughput {
-        messages: counted.load(Ordering::Relaxed),
-        total: total.load(Ordering::Relaxed),
-        elapsed,
-        latency_us: hist,
-    })
+    measure_window(
+        tasks,
+        (warmup, duration),
+        &measuring,
+        &stop,
+        (&counted, &total),
+    )
+    .await
 }

@@ -74,23 +74,14 @@ pub async fn w1(
             Ok::<_, anyhow::Error>(hist)
         }));
     }
-    tokio::time::sleep(warmup).await;
-    measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    tokio::time::sleep(duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        hist.add(t.await??)?;
-    }
-    Ok(Throughput {
-        messages: counted.load(Ordering::Relaxed),
-        total: total.load(Ordering::Relaxed),
-        elapsed,
-        latency_us: hist,
-    })
+    measure_window(
+        tasks,
+        (warmup, duration),
+        &measuring,
+        &stop,
+        (&counted, &total),
+    )
+    .await
 }
 
 /// What consumers received.
@@ -412,6 +403,38 @@ pub async fn w5(
         published,
         fanout,
         competing,
+    })
+}
+
+/// Counters shared by a measurement's tasks: messages counted in the window, and all.
+type Counters<'a> = (&'a AtomicU64, &'a AtomicU64);
+
+/// Lets `tasks` warm up, counts for `duration`, stops them and merges their latency
+/// histograms (`window` = (warm-up, duration)).
+pub async fn measure_window(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+    window: (Duration, Duration),
+    measuring: &AtomicBool,
+    stop: &AtomicBool,
+    (counted, total): Counters<'_>,
+) -> anyhow::Result<Throughput> {
+    let (warmup, duration) = window;
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    Ok(Throughput {
+        messages: counted.load(Ordering::Relaxed),
+        total: total.load(Ordering::Relaxed),
+        elapsed,
+        latency_us: hist,
     })
 }
 
