@@ -43,9 +43,30 @@ impl std::fmt::Display for Verdict {
         if self.ok() {
             return write!(f, "every invariant held");
         }
-        writeln!(f, "{} violations:", self.violations.len())?;
-        for v in self.violations.iter().take(50) {
-            writeln!(f, "  - {v}")?;
+        // Grouped by kind (the text with its numbers masked), a few examples each.
+        let mut kinds: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+        for v in &self.violations {
+            let mut kind = String::with_capacity(v.len());
+            for c in v.chars() {
+                if !c.is_ascii_digit() {
+                    kind.push(c);
+                } else if !kind.ends_with('#') {
+                    kind.push('#');
+                }
+            }
+            kinds.entry(kind).or_default().push(v);
+        }
+        writeln!(
+            f,
+            "{} violations of {} kinds:",
+            self.violations.len(),
+            kinds.len()
+        )?;
+        for (kind, examples) in kinds.iter().take(20) {
+            writeln!(f, "  {} × {kind}", examples.len())?;
+            for e in examples.iter().take(3) {
+                writeln!(f, "      e.g. {e}")?;
+            }
         }
         Ok(())
     }
@@ -446,6 +467,17 @@ mod tests {
             answered_us,
             outcome: AckOutcome::Confirmed,
         });
+    }
+
+    #[test]
+    fn violations_are_reported_by_kind() {
+        let mut v = Verdict::default();
+        v.violation("Work 0/1: lost".into());
+        v.violation("Work 2/35: lost".into());
+        v.violation("result 1/2 stored 2 times".into());
+        let text = v.to_string();
+        assert!(text.starts_with("3 violations of 2 kinds"), "{text}");
+        assert!(text.contains("2 × Work #/#: lost"), "{text}");
     }
 
     #[test]

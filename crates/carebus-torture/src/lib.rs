@@ -56,8 +56,10 @@ pub struct TortureConfig {
     pub consumers: u64,
     pub transformers: u64,
     pub mllp_senders: u64,
-    /// Bound of the final drain.
-    pub drain_timeout: Duration,
+    /// The final drain fails when it makes no progress for this long.
+    pub drain_stall: Duration,
+    /// Bound of the whole final drain.
+    pub drain_limit: Duration,
 }
 
 impl TortureConfig {
@@ -73,7 +75,8 @@ impl TortureConfig {
             consumers: 3,
             transformers: 2,
             mllp_senders: 2,
-            drain_timeout: Duration::from_secs(90),
+            drain_stall: Duration::from_secs(30),
+            drain_limit: Duration::from_secs(240),
         }
     }
 }
@@ -217,27 +220,45 @@ async fn set_up_topics(client: &Client) -> Result<(), TortureError> {
     Ok(())
 }
 
-/// Waits until every subscription has nothing left to deliver (or the bound passes).
-async fn drained(client: &Client, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let mut idle = true;
+/// Waits until every subscription has nothing left to deliver. Gives up when the
+/// remaining count has not gone down for `stall` (a consumer that stopped making
+/// progress), or after `limit` in all.
+async fn drained(client: &Client, stall: Duration, limit: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let mut best = u64::MAX;
+    let mut progress_at = Instant::now();
+    loop {
+        let mut left = 0u64;
+        let mut known = true;
         for (topic, sub) in [
             (workers::ORDERS, workers::WORK_SUB),
             (workers::ORDERS, workers::TXN_SUB),
             (workers::POISON, workers::POISON_SUB),
         ] {
             match client.get_subscription(topic, sub).await {
-                Ok(s) if s.stats.backlog == 0 && s.stats.in_flight == 0 => {}
-                _ => idle = false,
+                Ok(s) => left += s.stats.backlog + s.stats.in_flight,
+                Err(_) => known = false,
             }
         }
-        if idle {
-            return true;
+        if known && left == 0 {
+            return Ok(());
+        }
+        if known && left < best {
+            best = left;
+            progress_at = Instant::now();
+        }
+        if progress_at.elapsed() > stall {
+            return Err(format!(
+                "draining made no progress for {stall:?}: {best} messages still to deliver"
+            ));
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "draining took longer than {limit:?}: {best} messages still to deliver"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    false
 }
 
 /// Runs the chaos, then the checks. `Err` only when the run could not be carried out;
@@ -300,16 +321,13 @@ pub async fn run(config: &TortureConfig) -> Result<Report, TortureError> {
     // everything that is left.
     phase.store(workers::DRAIN, Ordering::SeqCst);
     let client = client_for(&server)?;
-    let drained_in_time = drained(&client, config.drain_timeout).await;
+    let drain = drained(&client, config.drain_stall, config.drain_limit).await;
     phase.store(workers::STOP, Ordering::SeqCst);
     while tasks.join_next().await.is_some() {}
 
     let mut verdict = Verdict::default();
-    if !drained_in_time {
-        verdict.violation(format!(
-            "subscriptions still had messages to deliver after {:?} of draining",
-            config.drain_timeout
-        ));
+    if let Err(e) = drain {
+        verdict.violation(e);
     }
     let counts = checks::check(&client, &history, &mut verdict).await?;
     drop(server);

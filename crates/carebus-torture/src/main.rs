@@ -70,6 +70,8 @@ fn main() -> ExitCode {
     config.consumers = args.consumers;
     config.transformers = args.transformers;
     config.mllp_senders = args.mllp_senders;
+    // Long runs can leave a large backlog for the transformers to drain.
+    config.drain_limit = std::time::Duration::from_secs(1800);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -258,7 +258,10 @@ pub(crate) async fn transformer(shared: Shared, worker: u64, seed: u64) {
             tokio::time::sleep(RETRY_PAUSE).await;
             continue;
         };
-        let Some(deliveries) = receive(&shared, &client, ORDERS, TXN_SUB, Sub::Txn, &name, 4).await
+        // Small transactions during the chaos; larger ones to drain what is left.
+        let max = if shared.phase() == CHAOS { 4 } else { 32 };
+        let Some(deliveries) =
+            receive(&shared, &client, ORDERS, TXN_SUB, Sub::Txn, &name, max).await
         else {
             continue;
         };
