@@ -66,6 +66,10 @@ enum Command {
         /// Concurrent consumers for deliver + ack.
         #[arg(long, default_value_t = 4)]
         consumers: usize,
+        /// Run only this publish kind, `keyed` or `unkeyed` (for profiling one kind);
+        /// prints its runs and skips the ratio and deliver + ack.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// carebus over HTTP through the Rust client: keyed publish (single and batches),
     /// receive + ack.
@@ -166,7 +170,14 @@ fn main() -> anyhow::Result<()> {
             rounds,
             messages,
             consumers,
+            only,
         } => {
+            let kinds: Vec<bool> = match only.as_deref() {
+                None => vec![false, true],
+                Some("keyed") => vec![true],
+                Some("unkeyed") => vec![false],
+                Some(other) => anyhow::bail!("--only takes keyed or unkeyed, not {other}"),
+            };
             let work = tempfile::Builder::new()
                 .prefix("carebus-bench-")
                 .tempdir_in(&dir)?;
@@ -180,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             let mut unkeyed_runs = Vec::new();
             let mut keyed_runs = Vec::new();
             for round in 0..rounds.max(1) {
-                for keyed in [false, true] {
+                for &keyed in &kinds {
                     std::process::Command::new("sync").status()?;
                     let name = format!("{}-{round}", if keyed { "keyed" } else { "unkeyed" });
                     let run =
@@ -191,6 +202,14 @@ fn main() -> anyhow::Result<()> {
                         unkeyed_runs.push(run);
                     }
                 }
+            }
+            if only.is_some() {
+                for runs in [unkeyed_runs, keyed_runs] {
+                    if !runs.is_empty() {
+                        core_broker::median(runs)?;
+                    }
+                }
+                return Ok(());
             }
             let unkeyed = core_broker::median(unkeyed_runs)?;
             let keyed = core_broker::median(keyed_runs)?;

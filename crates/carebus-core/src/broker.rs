@@ -2,11 +2,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use carebus_log::{Durability, FsyncPolicy, Log, LogConfig, LogError};
+use carebus_log::{AfterAppend, Durability, FsyncPolicy, Log, LogConfig, LogError};
 use tokio::sync::Notify;
 
 use crate::dedup::{DedupConfig, DedupEntry, DedupError, DedupIndex, fingerprint};
@@ -242,10 +242,16 @@ pub struct TopicCounters {
 pub struct TopicRuntime {
     name: String,
     topic: RwLock<Arc<Topic>>,
+    /// Lookups take it briefly; inserts happen under it on the log's thread (see
+    /// `publish`); sorting, merging and checkpoints run off it (`run_dedup_maintenance`).
     dedup: Mutex<DedupIndex>,
-    key_stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Serialises dedup maintenance jobs and shutdown checkpoints.
+    dedup_maintenance: Mutex<()>,
+    /// Set by an insert that left maintenance due; a publisher then starts a job.
+    dedup_maintenance_wanted: AtomicBool,
+    dedup_maintenance_running: AtomicBool,
+    key_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
     round_robin: AtomicU32,
-    inserts_since_checkpoint: AtomicU64,
     /// Notified after every append, for subscriptions waiting for data.
     pub new_data: Notify,
     /// Publish counters.
@@ -303,15 +309,18 @@ impl TopicRuntime {
             dedup.checkpoint()?;
             tracing::info!(topic = %topic.name, records = replayed, keys = dedup.len(), "dedup index caught up with the log");
         }
+        dedup.defer_maintenance(CHECKPOINT_EVERY);
         Ok(TopicRuntime {
             name: topic.name.clone(),
             topic: RwLock::new(topic),
             dedup: Mutex::new(dedup),
+            dedup_maintenance: Mutex::new(()),
+            dedup_maintenance_wanted: AtomicBool::new(false),
+            dedup_maintenance_running: AtomicBool::new(false),
             key_stripes: (0..KEY_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
             round_robin: AtomicU32::new(0),
-            inserts_since_checkpoint: AtomicU64::new(0),
             new_data: Notify::new(),
             counters: TopicCounters::default(),
             subscriptions: RwLock::new(BTreeMap::new()),
@@ -407,11 +416,66 @@ impl TopicRuntime {
         }
     }
 
-    fn checkpoint_if_due(&self) -> Result<(), BrokerError> {
-        if self.inserts_since_checkpoint.load(Ordering::Relaxed) >= CHECKPOINT_EVERY {
-            self.inserts_since_checkpoint.store(0, Ordering::Relaxed);
-            self.dedup.lock().map_err(poisoned)?.checkpoint()?;
+    /// Starts a dedup maintenance job on a blocking thread if an insert asked for one
+    /// and none is running (without a runtime, runs it here).
+    fn schedule_dedup_maintenance(self: &Arc<Self>) {
+        if !self.dedup_maintenance_wanted.load(Ordering::Acquire)
+            || self.dedup_maintenance_running.swap(true, Ordering::AcqRel)
+        {
+            return;
         }
+        let rt = Arc::clone(self);
+        let work = move || {
+            rt.dedup_maintenance_wanted.store(false, Ordering::Release);
+            rt.run_dedup_maintenance();
+            rt.dedup_maintenance_running.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(work);
+            }
+            Err(_) => work(),
+        }
+    }
+
+    /// Runs the dedup index's pending maintenance: the index's lock is held only to
+    /// take the job and to install its result, never while sorting or writing files.
+    fn run_dedup_maintenance(&self) {
+        let Ok(_serial) = self.dedup_maintenance.lock() else {
+            return;
+        };
+        // Bounded: a job takes all pending work; a few more rounds catch what arrived.
+        for _ in 0..8 {
+            let job = match self.dedup.lock() {
+                Ok(mut d) => d.begin_maintenance(),
+                Err(_) => return,
+            };
+            let job = match job {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(topic = %self.name, error = %e, "dedup maintenance refused");
+                    return;
+                }
+            };
+            let done = job.run();
+            let finished = match self.dedup.lock() {
+                Ok(mut d) => d.finish_maintenance(done),
+                Err(_) => return,
+            };
+            if let Err(e) = finished {
+                // The index is poisoned: publishes to this topic fail until a restart,
+                // which rebuilds the index from the log.
+                tracing::error!(topic = %self.name, error = %e, "dedup maintenance failed");
+                return;
+            }
+        }
+    }
+
+    /// Persists the dedup index (waiting for a running maintenance job first).
+    fn checkpoint_dedup(&self) -> Result<(), BrokerError> {
+        let _serial = self.dedup_maintenance.lock().map_err(poisoned)?;
+        self.dedup.lock().map_err(poisoned)?.checkpoint()?;
         Ok(())
     }
 }
@@ -577,11 +641,13 @@ impl Broker {
         // Serialise publishes of the same keys (stripes locked in order: no deadlock).
         let stripe = |fp: &u64| usize::try_from(fp % KEY_STRIPES as u64).unwrap_or(0);
         // The common single-message publish locks its one stripe without allocating.
+        // The guards are owned so that the log's after-append step can release them
+        // once the keys are indexed, even if this future is dropped meanwhile.
         let mut single_guard = None;
         let mut guards = Vec::new();
         if let [Some(fp)] = fingerprints.as_slice() {
             if let Some(m) = rt.key_stripes.get(stripe(fp)) {
-                single_guard = Some(m.lock().await);
+                single_guard = Some(Arc::clone(m).lock_owned().await);
             }
         } else {
             let mut stripes: Vec<usize> = fingerprints.iter().flatten().map(stripe).collect();
@@ -590,7 +656,7 @@ impl Broker {
             guards.reserve(stripes.len());
             for s in stripes {
                 if let Some(m) = rt.key_stripes.get(s) {
-                    guards.push(m.lock().await);
+                    guards.push(Arc::clone(m).lock_owned().await);
                 }
             }
         }
@@ -641,34 +707,63 @@ impl Broker {
                 .zip(&hashes)
                 .map(|(m, h)| m.to_record_with_hash(now, *h))
                 .collect();
-            let ack = log.append(&records).await?;
-            let mut dedup = rt.dedup.lock().map_err(poisoned)?;
+            // The keys are indexed by the log's own thread once the batch is durable,
+            // in log order and before any later batch is acknowledged, so the index's
+            // replay positions are exact and a publisher that goes away (a client
+            // disconnect drops this future) never leaves a durable message unindexed.
+            let index_entries: Vec<(Option<u64>, u64)> = to_store
+                .iter()
+                .zip(&hashes)
+                .map(|(&i, &h)| (fingerprints.get(i).copied().flatten(), h))
+                .collect();
+            let held = (single_guard.take(), std::mem::take(&mut guards));
+            let indexer = Arc::clone(&rt);
+            let after: AfterAppend = Box::new(move |ack| {
+                let _released_after_indexing = held;
+                let mut dedup = indexer
+                    .dedup
+                    .lock()
+                    .map_err(|_| "the dedup index lock is poisoned")?;
+                for (n, (fp, body_hash)) in index_entries.iter().enumerate() {
+                    let offset = ack.base_offset + n as u64;
+                    match fp {
+                        Some(fp) => dedup.insert_by_fingerprint(
+                            *fp,
+                            DedupEntry {
+                                partition,
+                                offset,
+                                body_hash: *body_hash,
+                                timestamp_ms: now,
+                            },
+                        )?,
+                        None => dedup.advance(partition, offset)?,
+                    }
+                }
+                if dedup.maintenance_due() {
+                    indexer
+                        .dedup_maintenance_wanted
+                        .store(true, Ordering::Release);
+                }
+                Ok(())
+            });
+            let ack = log
+                .append_then(&records, after)
+                .await
+                .map_err(|e| match e {
+                    LogError::AfterAppend(cause) => match cause.downcast::<DedupError>() {
+                        Ok(d) => BrokerError::Dedup(*d),
+                        Err(other) => BrokerError::Log(LogError::AfterAppend(other)),
+                    },
+                    other => BrokerError::Log(other),
+                })?;
             for (n, &i) in to_store.iter().enumerate() {
-                let offset = ack.base_offset + n as u64;
                 outcomes[i] = Some(PublishOutcome {
                     partition,
-                    offset,
+                    offset: ack.base_offset + n as u64,
                     duplicate: false,
                     conflict: false,
                     durability: ack.durability,
                 });
-                if let (Some(body_hash), Some(fp)) = (hashes.get(n), fingerprints.get(i)) {
-                    match fp {
-                        Some(fp) => {
-                            dedup.insert_by_fingerprint(
-                                *fp,
-                                DedupEntry {
-                                    partition,
-                                    offset,
-                                    body_hash: *body_hash,
-                                    timestamp_ms: now,
-                                },
-                            )?;
-                            rt.inserts_since_checkpoint.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => dedup.advance(partition, offset)?,
-                    }
-                }
             }
             rt.counters
                 .published
@@ -702,7 +797,7 @@ impl Broker {
             );
         }
         rt.new_data.notify_waiters();
-        rt.checkpoint_if_due()?;
+        rt.schedule_dedup_maintenance();
         Ok(outcomes)
     }
 
@@ -1250,7 +1345,7 @@ impl Broker {
     /// at the next start).
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
         for rt in self.topics() {
-            rt.dedup.lock().map_err(poisoned)?.checkpoint()?;
+            rt.checkpoint_dedup()?;
         }
         Ok(())
     }

@@ -80,6 +80,10 @@ pub enum LogError {
     /// The configuration is unusable.
     #[error("invalid log configuration: {0}")]
     Config(String),
+    /// The batch is durable, but the step the appender asked to run after it
+    /// ([`crate::Log::append_then`]) failed.
+    #[error("appended, but the step after the append failed: {0}")]
+    AfterAppend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl LogError {

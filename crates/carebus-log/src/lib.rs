@@ -301,23 +301,42 @@ pub(crate) struct Shared {
 
 const INDEX_CACHE_SEGMENTS: usize = 64;
 
+/// A step run once an append is durable (per the fsync policy), before its appender is
+/// answered; see [`Log::append_then`].
+pub type AfterAppend = Box<
+    dyn FnOnce(&AppendAck) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+        + Send,
+>;
+
 /// The answer channel of one append. Counts appends in flight (submitted, not yet
 /// answered) so the syncer can tell how many appenders are active.
 pub(crate) struct AppendReply {
     tx: Option<oneshot::Sender<Result<AppendAck>>>,
+    after: Option<AfterAppend>,
     in_flight: Arc<AtomicU64>,
 }
 
 impl AppendReply {
-    fn new(tx: oneshot::Sender<Result<AppendAck>>, in_flight: Arc<AtomicU64>) -> Self {
+    fn new(
+        tx: oneshot::Sender<Result<AppendAck>>,
+        after: Option<AfterAppend>,
+        in_flight: Arc<AtomicU64>,
+    ) -> Self {
         in_flight.fetch_add(1, Ordering::AcqRel);
         AppendReply {
             tx: Some(tx),
+            after,
             in_flight,
         }
     }
 
+    /// Answers the appender; on success first runs its after-append step (which is
+    /// dropped unrun on failure).
     pub(crate) fn send(mut self, result: Result<AppendAck>) {
+        let result = match (result, self.after.take()) {
+            (Ok(ack), Some(after)) => after(&ack).map(|()| ack).map_err(LogError::AfterAppend),
+            (result, _) => result,
+        };
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(result);
         }
@@ -411,14 +430,28 @@ impl Log {
 
     /// Appends a batch atomically; resolves once it is durable (per the fsync policy).
     pub async fn append(&self, records: &[Record]) -> Result<AppendAck> {
-        let rx = self.submit(records)?;
+        let rx = self.submit(records, None)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Like [`Log::append`], and once the batch is durable runs `after` with its
+    /// acknowledgement, on the log's own thread, before the appender is answered.
+    ///
+    /// Steps run in log order (the step of a lower offset always runs first) and run even
+    /// if the returned future is dropped after the batch was queued, so they suit index
+    /// updates that must never miss or reorder a durable record. A failed step turns the
+    /// answer into [`LogError::AfterAppend`] (the batch stays stored). If the append
+    /// fails, `after` is dropped without running. Steps must be quick and must never wait
+    /// for this log: every later acknowledgement waits for them.
+    pub async fn append_then(&self, records: &[Record], after: AfterAppend) -> Result<AppendAck> {
+        let rx = self.submit(records, Some(after))?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
     /// Like [`Log::append`], blocking the calling thread. Must not be called from
     /// inside an asynchronous runtime's worker.
     pub fn append_blocking(&self, records: &[Record]) -> Result<AppendAck> {
-        let rx = self.submit(records)?;
+        let rx = self.submit(records, None)?;
         rx.blocking_recv().map_err(|_| LogError::Closed)?
     }
 
@@ -426,10 +459,14 @@ impl Log {
     /// with everything queued before and after it, and made durable by the next group
     /// commit, but a crash before then may lose it. For records whose loss is harmless.
     pub fn append_detached(&self, records: &[Record]) -> Result<()> {
-        self.submit(records).map(|_| ())
+        self.submit(records, None).map(|_| ())
     }
 
-    fn submit(&self, records: &[Record]) -> Result<oneshot::Receiver<Result<AppendAck>>> {
+    fn submit(
+        &self,
+        records: &[Record],
+        after: Option<AfterAppend>,
+    ) -> Result<oneshot::Receiver<Result<AppendAck>>> {
         if records.is_empty() {
             return Err(LogError::EmptyBatch);
         }
@@ -464,7 +501,7 @@ impl Log {
             return Err(LogError::Poisoned(why));
         }
         let (reply, rx) = oneshot::channel();
-        let reply = AppendReply::new(reply, Arc::clone(&self.shared.in_flight));
+        let reply = AppendReply::new(reply, after, Arc::clone(&self.shared.in_flight));
         self.tx
             .send(Request::Append {
                 payload,

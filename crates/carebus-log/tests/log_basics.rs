@@ -285,3 +285,62 @@ async fn async_append_and_watch_report_new_data() {
     assert_eq!(*watch.borrow(), 2);
     log.sync().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_append_steps_run_in_log_order_even_when_the_appender_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let log = Arc::new(log);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (log, seen) = (Arc::clone(&log), Arc::clone(&seen));
+        tasks.push(tokio::spawn(async move {
+            let after: carebus_log::AfterAppend = Box::new(move |ack| {
+                seen.lock().unwrap().push(ack.base_offset);
+                Ok(())
+            });
+            let batch = [rec(i), rec(i)];
+            let append = log.append_then(&batch, after);
+            if i % 3 == 0 {
+                // Give up at once: the batch is queued, so its step must still run.
+                let _ = tokio::time::timeout(Duration::ZERO, append).await;
+            } else {
+                append.await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    log.sync().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<u64> = (0..200).map(|i| i * 2).collect();
+    assert_eq!(
+        seen, expected,
+        "every durable batch's step ran once, in log order"
+    );
+
+    // A failing step: the batch stays stored, the appender hears why.
+    let failing: carebus_log::AfterAppend = Box::new(|_| Err("index full".into()));
+    let err = log
+        .append_then(&[Record::new("z")], failing)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LogError::AfterAppend(_)), "{err}");
+    assert_eq!(log.next_offset(), 401);
+    assert_eq!(
+        log.read(400, 1, 1 << 20).unwrap()[0].value,
+        Bytes::from("z")
+    );
+
+    // A refused append drops its step unrun.
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&ran);
+    let never: carebus_log::AfterAppend = Box::new(move |_| {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    });
+    assert!(log.append_then(&[], never).await.is_err());
+    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+}

@@ -102,15 +102,15 @@ impl Buffer {
         }
     }
 
-    /// Moves the entries out as a sorted run and empties the buffer (keeping its memory).
-    pub(crate) fn drain_sorted(&mut self) -> Columns {
-        self.recs.sort_unstable_by_key(Rec::sort_key);
-        let mut cols = Columns::with_capacity(self.recs.len());
-        for r in &self.recs {
+    /// The entries as a sorted run (the buffer itself is left as it is, so lookups may
+    /// go on reading it meanwhile).
+    pub(crate) fn to_sorted_columns(&self) -> Columns {
+        let mut recs = self.recs.clone();
+        recs.sort_unstable_by_key(Rec::sort_key);
+        let mut cols = Columns::with_capacity(recs.len());
+        for r in &recs {
             cols.push(r);
         }
-        self.recs.clear();
-        self.table.fill(EMPTY);
         cols
     }
 
@@ -336,14 +336,15 @@ mod tests {
         out.sort_by_key(Rec::sort_key);
         assert_eq!(out, vec![rec(5, 1, 0), rec(5, 2, 0)]);
         assert_eq!(b.len(), 3);
-        let cols = b.drain_sorted();
-        assert_eq!(b.len(), 0);
+        let cols = b.to_sorted_columns();
+        assert_eq!(cols.len(), 3);
+        assert!(cols.fingerprints().is_sorted());
         let mut out = Vec::new();
         cols.lookup(5, &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out, vec![rec(5, 1, 0), rec(5, 2, 0)]);
         out.clear();
-        b.lookup(5, &mut out);
-        assert!(out.is_empty());
+        b.lookup(6, &mut out);
+        assert_eq!(out, vec![rec(6, 3, 0)], "the buffer is left readable");
     }
 
     #[test]

@@ -29,7 +29,19 @@
 //! checkpoint(&mut self)                   // persist; bounds the replay after a restart
 //! expire(&mut self, now_ms) -> usize      // drop entries older than the window
 //! len(), is_empty(), memory_bytes(), disk_runs()
+//!
+//! defer_maintenance(&mut self, checkpoint_every)   // inserts stop sorting and writing
+//! maintenance_due(&self) -> bool
+//! begin_maintenance(&mut self) -> Option<Maintenance>   // under the owner's lock: cheap
+//! Maintenance::run(self) -> MaintenanceDone             // without the lock: the work
+//! finish_maintenance(&mut self, Result<MaintenanceDone>) // under the lock: cheap
 //! ```
+//! By default an insert that fills the buffer sorts it into a run (and merges, spills)
+//! itself. A concurrent owner (the broker keeps the index behind a mutex that lookups
+//! and inserts share) calls `defer_maintenance`: a full buffer is then frozen (lookups
+//! still search it) and replaced, and the owner runs the work as a job off its lock. The
+//! runs live in a copy-on-write `Levels` (vectors of `Arc`s), so a job works on a copy
+//! and `finish_maintenance` swaps it in; one job is out at a time.
 //! The `*_by_fingerprint` forms let the caller hash a key once for both calls (and let
 //! tests construct fingerprint collisions).
 //!
@@ -40,9 +52,11 @@
 //! lost from the log (or whose offset now holds another record) is never a false duplicate.
 //!
 //! # Durability
-//! Entries are inserted after their record is durable in the log, and a checkpoint
+//! Entries are inserted after their record is durable in the log, **in log order per
+//! partition** (the broker inserts from the log's after-append step), and a checkpoint
 //! persists every entry inserted so far together with, per partition, the offset after
-//! the highest one inserted (`replay_from`). `open` returns those offsets; the caller
+//! the highest one inserted (`replay_from`); a checkpoint job freezes the buffer and takes
+//! these offsets at the same moment, under the owner's lock. `open` returns those offsets; the caller
 //! replays the log from there with `insert` (partitions absent from the map: from the
 //! log's start). Entries inserted after the last checkpoint are lost by a crash but are
 //! in the log and come back with the replay; inserting the same record twice is harmless
@@ -89,6 +103,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use format::{DiskRun, Manifest, RunWriter, io_err};
@@ -152,10 +167,16 @@ const BUFFER_BYTES_PER_ENTRY: usize = 56;
 /// Bytes per entry of a resident run.
 const COLUMN_BYTES_PER_ENTRY: u64 = 38;
 
+/// While a caller defers maintenance, more full buffers than this waiting for it make an
+/// insert do the work itself, unless a job is out (back-pressure, so memory and lookups
+/// stay bounded when nobody maintains the index).
+const MAX_FROZEN_BUFFERS: usize = 16;
+
 #[derive(Debug)]
 struct ResidentRun {
-    /// The run file holding the same entries, once persisted.
-    id: Option<u64>,
+    /// The run file holding the same entries, once persisted (set once, after the file
+    /// is durable).
+    id: OnceLock<u64>,
     cols: Columns,
     /// Lets a lookup of an absent key (the common case: a new message) skip the run
     /// after a probe or two instead of a binary search with a cache miss per step.
@@ -163,12 +184,24 @@ struct ResidentRun {
 }
 
 impl ResidentRun {
-    fn new(id: Option<u64>, cols: Columns) -> Self {
+    fn new(id: Option<u64>, cols: Columns) -> Arc<Self> {
         let mut bloom = BlockedBloom::for_keys(cols.len());
         for fp in cols.fingerprints() {
             bloom.add(fp);
         }
-        ResidentRun { id, cols, bloom }
+        let cell = OnceLock::new();
+        if let Some(id) = id {
+            let _ = cell.set(id);
+        }
+        Arc::new(ResidentRun {
+            id: cell,
+            cols,
+            bloom,
+        })
+    }
+
+    fn id(&self) -> Option<u64> {
+        self.id.get().copied()
     }
 
     fn lookup(&self, fp: u64, out: &mut Vec<Rec>) {
@@ -178,7 +211,287 @@ impl ResidentRun {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.cols.memory_bytes() + self.bloom.memory_bytes()
+        size_of::<Self>() + self.cols.memory_bytes() + self.bloom.memory_bytes()
+    }
+}
+
+/// The sorted runs of the index, in memory and on disk. Lookups read them under the
+/// owner's lock; maintenance works on a clone (vectors of `Arc`s: cheap) without the
+/// lock and installs its result when done, so sorting, merging and file writes never
+/// stall publishers.
+#[derive(Debug, Clone)]
+struct Levels {
+    /// Oldest first.
+    resident: Vec<Arc<ResidentRun>>,
+    /// Oldest first; all older than the resident runs.
+    disk: Vec<Arc<DiskRun>>,
+    /// Run files to delete once a manifest without them is durable.
+    obsolete: Vec<u64>,
+    next_run_id: u64,
+    /// Entries older than this are dead (set by `expire`), so merges may drop them.
+    expired_cutoff: i64,
+    /// `replay_from` of the last manifest written: every entry below it is in a run the
+    /// manifest lists, so a manifest written without a fresh snapshot may reuse it.
+    persisted_next: Vec<(u32, u64)>,
+}
+
+impl Levels {
+    fn len(&self) -> usize {
+        let disk: u64 = self.disk.iter().map(|r| r.count).sum();
+        self.resident.iter().map(|r| r.cols.len()).sum::<usize>()
+            + usize::try_from(disk).unwrap_or(usize::MAX)
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.resident.capacity() * size_of::<Arc<ResidentRun>>()
+            + self
+                .resident
+                .iter()
+                .map(|r| r.memory_bytes())
+                .sum::<usize>()
+            + self.disk.capacity() * size_of::<Arc<DiskRun>>()
+            + self
+                .disk
+                .iter()
+                .map(|r| size_of::<DiskRun>() + r.memory_bytes())
+                .sum::<usize>()
+            + self.obsolete.capacity() * size_of::<u64>()
+            + self.persisted_next.capacity() * size_of::<(u32, u64)>()
+    }
+
+    fn lookup(&self, fp: u64, out: &mut Vec<Rec>) -> Result<(), DedupError> {
+        for run in &self.resident {
+            run.lookup(fp, out);
+        }
+        for run in &self.disk {
+            run.lookup(fp, out)?;
+        }
+        Ok(())
+    }
+
+    fn take_run_id(&mut self) -> u64 {
+        let id = self.next_run_id;
+        self.next_run_id += 1;
+        id
+    }
+
+    /// Adds a sorted run as the newest resident run and merges adjacent resident runs
+    /// while the older is at most twice the size of the newer (O(log n) runs).
+    fn add_run(&mut self, cols: Columns) -> Result<(), DedupError> {
+        if cols.is_empty() {
+            return Ok(());
+        }
+        self.resident.push(ResidentRun::new(None, cols));
+        while let [.., older, newer] = self.resident.as_slice() {
+            if older.cols.len() > 2 * newer.cols.len() {
+                break;
+            }
+            let mut cols = Columns::with_capacity(older.cols.len() + newer.cols.len());
+            merge(
+                older.cols.iter().map(Ok),
+                newer.cols.iter().map(Ok),
+                self.expired_cutoff,
+                |r| {
+                    cols.push(r);
+                    Ok(())
+                },
+            )?;
+            for run in self.resident.drain(self.resident.len() - 2..) {
+                self.obsolete.extend(run.id());
+            }
+            if !cols.is_empty() {
+                self.resident.push(ResidentRun::new(None, cols));
+            }
+        }
+        Ok(())
+    }
+
+    /// Past the budget (counting `other_memory` too): checkpoint, then move resident
+    /// runs (oldest first) to disk until under half the budget; then merge disk runs if
+    /// there are too many.
+    fn spill(&mut self, dir: &Path, budget: usize, other_memory: usize) -> Result<(), DedupError> {
+        if self.memory_bytes() + other_memory <= budget {
+            return Ok(());
+        }
+        self.write_checkpoint(dir, None)?;
+        let mut demoted = 0usize;
+        while self.memory_bytes() + other_memory > budget / 2 {
+            let Some(id) = self.resident.first().and_then(|r| r.id()) else {
+                break;
+            };
+            let run = DiskRun::open(dir, id)?;
+            self.resident.remove(0);
+            self.disk.push(Arc::new(run));
+            demoted += 1;
+        }
+        tracing::debug!(
+            dir = %dir.display(),
+            demoted_runs = demoted,
+            disk_runs = self.disk.len(),
+            memory_bytes = self.memory_bytes() + other_memory,
+            budget,
+            "dedup index spilled to disk"
+        );
+        self.compact_disk(dir)
+    }
+
+    fn compact_disk(&mut self, dir: &Path) -> Result<(), DedupError> {
+        let mut changed = false;
+        while self.disk.len() > MAX_DISK_RUNS {
+            let Some(i) = (0..self.disk.len() - 1).min_by_key(|&i| {
+                self.disk
+                    .get(i..=i + 1)
+                    .map_or(u64::MAX, |p| p.iter().map(|r| r.count).sum())
+            }) else {
+                break;
+            };
+            let id = self.take_run_id();
+            let (Some(a), Some(b)) = (self.disk.get(i), self.disk.get(i + 1)) else {
+                break;
+            };
+            let mut w = RunWriter::create(dir, id, a.count + b.count)?;
+            merge(a.cursor(), b.cursor(), self.expired_cutoff, |r| w.push(r))?;
+            let merged = match w.finish()? {
+                Some(_) => Some(Arc::new(DiskRun::open(dir, id)?)),
+                None => None,
+            };
+            tracing::debug!(
+                dir = %dir.display(),
+                inputs = %format!("{}, {}", a.path().display(), b.path().display()),
+                entries = merged.as_ref().map_or(0, |r| r.count),
+                "dedup index merged disk runs"
+            );
+            let old: Vec<Arc<DiskRun>> = self.disk.splice(i..=i + 1, merged).collect();
+            self.obsolete.extend(old.iter().map(|r| r.id));
+            changed = true;
+        }
+        if changed {
+            self.write_checkpoint(dir, None)?;
+        }
+        Ok(())
+    }
+
+    /// Writes unpersisted resident runs, then the manifest (with `next`, else the last
+    /// persisted replay positions), then deletes replaced runs.
+    fn write_checkpoint(
+        &mut self,
+        dir: &Path,
+        next: Option<&[(u32, u64)]>,
+    ) -> Result<(), DedupError> {
+        let mut written = 0usize;
+        for i in 0..self.resident.len() {
+            if self.resident.get(i).is_none_or(|r| r.id().is_some()) {
+                continue;
+            }
+            let id = self.take_run_id();
+            let Some(run) = self.resident.get(i) else {
+                continue;
+            };
+            let mut w = RunWriter::create(dir, id, run.cols.len() as u64)?;
+            for rec in run.cols.iter() {
+                w.push(&rec)?;
+            }
+            w.finish()?;
+            let _ = run.id.set(id);
+            written += 1;
+        }
+        if let Some(next) = next {
+            self.persisted_next = next.to_vec();
+        }
+        let manifest = Manifest {
+            replay_from: self.persisted_next.clone(),
+            runs: self
+                .disk
+                .iter()
+                .map(|r| r.id)
+                .chain(self.resident.iter().filter_map(|r| r.id()))
+                .collect(),
+        };
+        manifest.store(dir)?;
+        let deleted = self.obsolete.len();
+        for id in std::mem::take(&mut self.obsolete) {
+            let path = dir.join(format::run_file_name(id));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        tracing::debug!(
+            dir = %dir.display(),
+            runs = manifest.runs.len(),
+            runs_written = written,
+            runs_deleted = deleted,
+            entries = self.len(),
+            "dedup index checkpointed"
+        );
+        Ok(())
+    }
+
+    /// Drops entries older than `cutoff` from the runs; returns how many.
+    fn expire(&mut self, dir: &Path, cutoff: i64) -> Result<(usize, bool), DedupError> {
+        self.expired_cutoff = self.expired_cutoff.max(cutoff);
+        let mut dropped = 0usize;
+        let mut kept_resident = Vec::with_capacity(self.resident.len());
+        for run in std::mem::take(&mut self.resident) {
+            if run.cols.min_ts().is_none_or(|t| t >= cutoff) {
+                kept_resident.push(run);
+                continue;
+            }
+            let live = run.cols.iter().filter(|r| r.ts >= cutoff).count();
+            let mut cols = Columns::with_capacity(live);
+            for rec in run.cols.iter().filter(|r| r.ts >= cutoff) {
+                cols.push(&rec);
+            }
+            dropped += run.cols.len() - cols.len();
+            self.obsolete.extend(run.id());
+            if !cols.is_empty() {
+                kept_resident.push(ResidentRun::new(None, cols));
+            }
+        }
+        self.resident = kept_resident;
+        let mut disk_changed = false;
+        let mut i = 0;
+        while let Some(run) = self.disk.get(i) {
+            if run.max_ts < cutoff {
+                dropped += usize::try_from(run.count).unwrap_or(usize::MAX);
+                self.obsolete.push(run.id);
+                self.disk.remove(i);
+                disk_changed = true;
+                continue;
+            }
+            // Rewrite when about half of the run is expired (assuming evenly spread times).
+            let span = (run.max_ts as i128 - run.min_ts as i128).max(1);
+            let expired_span = cutoff as i128 - run.min_ts as i128;
+            if expired_span * 2 >= span {
+                let id = self.take_run_id();
+                let Some(run) = self.disk.get(i) else { break };
+                let mut w = RunWriter::create(dir, id, run.count)?;
+                merge(run.cursor(), std::iter::empty(), cutoff, |r| w.push(r))?;
+                let kept = w.finish()?;
+                let new_count = kept.map_or(0, |(_, n)| n);
+                dropped += usize::try_from(run.count.saturating_sub(new_count)).unwrap_or(0);
+                self.obsolete.push(run.id);
+                disk_changed = true;
+                match kept {
+                    Some(_) => {
+                        let new_run = Arc::new(DiskRun::open(dir, id)?);
+                        if let Some(slot) = self.disk.get_mut(i) {
+                            *slot = new_run;
+                        }
+                    }
+                    None => {
+                        self.disk.remove(i);
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if disk_changed {
+            self.write_checkpoint(dir, None)?;
+        }
+        Ok((dropped, disk_changed))
     }
 }
 
@@ -187,18 +500,23 @@ pub struct DedupIndex {
     dir: PathBuf,
     budget: usize,
     window_ms: i64,
+    buffer_entries: usize,
     buffer: Buffer,
-    /// Oldest first.
-    resident: Vec<ResidentRun>,
-    /// Oldest first; all older than the resident runs.
-    disk: Vec<DiskRun>,
+    /// Full buffers waiting to be sorted into runs by maintenance, oldest first. Lookups
+    /// search them like the buffer.
+    frozen: Vec<Arc<Buffer>>,
+    levels: Levels,
     /// Per partition (ascending), the offset after the highest one inserted or advanced to.
     next: Vec<(u32, u64)>,
-    /// Run files to delete once a manifest without them is durable.
-    obsolete: Vec<u64>,
-    next_run_id: u64,
-    /// Entries older than this are dead (set by `expire`), so merges may drop them.
-    expired_cutoff: i64,
+    /// Changes with every replacement of `levels`; a maintenance job must find the one it
+    /// started from.
+    generation: u64,
+    /// A job from [`begin_maintenance`](Self::begin_maintenance) is not finished yet.
+    job_out: bool,
+    /// `Some(n)`: the caller runs maintenance (see [`defer_maintenance`](Self::defer_maintenance))
+    /// and wants a checkpoint after every `n` inserts.
+    deferred: Option<u64>,
+    inserts_since_checkpoint: u64,
     dirty: bool,
     poisoned: bool,
 }
@@ -208,10 +526,55 @@ impl fmt::Debug for DedupIndex {
         f.debug_struct("DedupIndex")
             .field("dir", &self.dir)
             .field("entries", &self.len())
-            .field("resident_runs", &self.resident.len())
-            .field("disk_runs", &self.disk.len())
+            .field("frozen_buffers", &self.frozen.len())
+            .field("resident_runs", &self.levels.resident.len())
+            .field("disk_runs", &self.levels.disk.len())
             .field("memory_bytes", &self.memory_bytes())
             .finish_non_exhaustive()
+    }
+}
+
+/// Maintenance work taken from a [`DedupIndex`] by
+/// [`begin_maintenance`](DedupIndex::begin_maintenance): sorting full buffers into runs,
+/// merging, spilling to disk and, when due, a checkpoint. [`run`](Self::run) it without
+/// holding the index's lock, then hand the result to
+/// [`finish_maintenance`](DedupIndex::finish_maintenance).
+#[derive(Debug)]
+pub struct Maintenance {
+    dir: PathBuf,
+    budget: usize,
+    frozen: Vec<Arc<Buffer>>,
+    levels: Levels,
+    /// The replay positions to persist, taken when the buffer was frozen.
+    checkpoint: Option<Vec<(u32, u64)>>,
+    other_memory: usize,
+    generation: u64,
+}
+
+/// The outcome of a [`Maintenance`] run.
+#[derive(Debug)]
+pub struct MaintenanceDone {
+    consumed: usize,
+    levels: Levels,
+    generation: u64,
+}
+
+impl Maintenance {
+    /// Does the work (CPU and file I/O; no lock of the index is needed).
+    pub fn run(mut self) -> Result<MaintenanceDone, DedupError> {
+        for buffer in &self.frozen {
+            self.levels.add_run(buffer.to_sorted_columns())?;
+        }
+        if let Some(next) = &self.checkpoint {
+            self.levels.write_checkpoint(&self.dir, Some(next))?;
+        }
+        self.levels
+            .spill(&self.dir, self.budget, self.other_memory)?;
+        Ok(MaintenanceDone {
+            consumed: self.frozen.len(),
+            levels: self.levels,
+            generation: self.generation,
+        })
     }
 }
 
@@ -247,7 +610,7 @@ impl DedupIndex {
         }
         let mut disk = Vec::with_capacity(manifest.runs.len());
         for id in &manifest.runs {
-            disk.push(DiskRun::open(dir, *id)?);
+            disk.push(Arc::new(DiskRun::open(dir, *id)?));
         }
         let budget = config.memory_budget_bytes;
         let window_ms = i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX);
@@ -257,45 +620,158 @@ impl DedupIndex {
             dir: dir.to_path_buf(),
             budget,
             window_ms,
+            buffer_entries,
             buffer: Buffer::new(buffer_entries),
-            resident: Vec::new(),
-            disk,
+            frozen: Vec::new(),
+            levels: Levels {
+                resident: Vec::new(),
+                disk,
+                obsolete: Vec::new(),
+                next_run_id: max_id.saturating_add(1),
+                expired_cutoff: i64::MIN,
+                persisted_next: manifest.replay_from.clone(),
+            },
             next: manifest.replay_from,
-            obsolete: Vec::new(),
-            next_run_id: max_id.saturating_add(1),
-            expired_cutoff: i64::MIN,
+            generation: 0,
+            job_out: false,
+            deferred: None,
+            inserts_since_checkpoint: 0,
             dirty: false,
             poisoned: false,
         };
         // Load the newest runs into memory while they fit in half the budget.
         let mut promote = 0usize;
         let mut projected = index.memory_bytes() as u64;
-        for run in index.disk.iter().rev() {
+        for run in index.levels.disk.iter().rev() {
             projected = projected.saturating_add(run.count.saturating_mul(COLUMN_BYTES_PER_ENTRY));
             if projected > (budget / 2) as u64 {
                 break;
             }
             promote += 1;
         }
-        let keep = index.disk.len() - promote;
-        for run in index.disk.split_off(keep) {
+        let keep = index.levels.disk.len() - promote;
+        for run in index.levels.disk.split_off(keep) {
             let mut cols = Columns::with_capacity(usize::try_from(run.count).unwrap_or(0));
             for rec in run.cursor() {
                 cols.push(&rec?);
             }
-            index.resident.push(ResidentRun::new(Some(run.id), cols));
+            index
+                .levels
+                .resident
+                .push(ResidentRun::new(Some(run.id), cols));
         }
         tracing::info!(
             dir = %dir.display(),
             entries = index.len(),
-            resident_runs = index.resident.len(),
-            disk_runs = index.disk.len(),
+            resident_runs = index.levels.resident.len(),
+            disk_runs = index.levels.disk.len(),
             orphans_removed = removed,
             memory_bytes = index.memory_bytes(),
             "dedup index opened"
         );
         let replay_from = index.next.iter().copied().collect();
         Ok((index, replay_from))
+    }
+
+    /// From now on, inserts never sort, merge or write files themselves: the caller runs
+    /// that work with [`begin_maintenance`](Self::begin_maintenance) (off its lock)
+    /// whenever [`maintenance_due`](Self::maintenance_due) says so, and wants a checkpoint
+    /// after every `checkpoint_every` inserts. If the caller falls far behind, an insert
+    /// does the work itself.
+    pub fn defer_maintenance(&mut self, checkpoint_every: u64) {
+        self.deferred = Some(checkpoint_every.max(1));
+    }
+
+    /// Whether [`begin_maintenance`](Self::begin_maintenance) has work to hand out.
+    pub fn maintenance_due(&self) -> bool {
+        !self.poisoned
+            && !self.job_out
+            && (!self.frozen.is_empty()
+                || self
+                    .deferred
+                    .is_some_and(|every| self.inserts_since_checkpoint >= every))
+    }
+
+    /// Takes the pending maintenance work (full buffers to sort and merge, a checkpoint
+    /// when due) as a job to [`run`](Maintenance::run) without the index's lock. Lookups
+    /// and inserts go on meanwhile. Only one job is out at a time: `None` while one is,
+    /// or when there is nothing to do.
+    pub fn begin_maintenance(&mut self) -> Result<Option<Maintenance>, DedupError> {
+        if self.poisoned {
+            return Err(self.poison_error());
+        }
+        let checkpoint = self
+            .deferred
+            .is_some_and(|every| self.inserts_since_checkpoint >= every);
+        Ok(self.begin(checkpoint))
+    }
+
+    /// Installs the result of a job from [`begin_maintenance`](Self::begin_maintenance).
+    /// A failed job poisons the index.
+    pub fn finish_maintenance(
+        &mut self,
+        done: Result<MaintenanceDone, DedupError>,
+    ) -> Result<(), DedupError> {
+        self.guarded(|s| s.finish(done))
+    }
+
+    fn begin(&mut self, checkpoint: bool) -> Option<Maintenance> {
+        if self.job_out {
+            return None;
+        }
+        // A checkpoint, and a spill (which persists runs), need every entry below the
+        // replay positions in the runs: freeze the buffer with the positions.
+        let snapshot = if checkpoint || self.memory_bytes() > self.budget {
+            if self.buffer.len() > 0 {
+                let full = std::mem::replace(&mut self.buffer, Buffer::new(self.buffer_entries));
+                self.frozen.push(Arc::new(full));
+            }
+            self.dirty = false;
+            self.inserts_since_checkpoint = 0;
+            Some(self.next.clone())
+        } else {
+            None
+        };
+        if self.frozen.is_empty() && snapshot.is_none() && self.levels.obsolete.is_empty() {
+            return None;
+        }
+        let frozen_memory: usize = self.frozen.iter().map(|b| b.memory_bytes()).sum();
+        self.job_out = true;
+        Some(Maintenance {
+            dir: self.dir.clone(),
+            budget: self.budget,
+            frozen: self.frozen.clone(),
+            levels: self.levels.clone(),
+            checkpoint: snapshot,
+            other_memory: self
+                .memory_bytes()
+                .saturating_sub(self.levels.memory_bytes() + frozen_memory),
+            generation: self.generation,
+        })
+    }
+
+    fn finish(&mut self, done: Result<MaintenanceDone, DedupError>) -> Result<(), DedupError> {
+        self.job_out = false;
+        let done = done?;
+        if done.generation != self.generation || done.consumed > self.frozen.len() {
+            return Err(DedupError::Corrupt {
+                path: self.dir.clone(),
+                detail: "a maintenance job finished against a changed index".into(),
+            });
+        }
+        self.frozen.drain(..done.consumed);
+        self.levels = done.levels;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Runs the pending work here and now.
+    fn maintain_inline(&mut self, checkpoint: bool) -> Result<(), DedupError> {
+        if let Some(job) = self.begin(checkpoint) {
+            let done = job.run();
+            self.finish(done)?;
+        }
+        Ok(())
     }
 
     /// Candidates whose fingerprint matches `key`, within the window (normally 0 or 1).
@@ -315,12 +791,10 @@ impl DedupIndex {
         let cutoff = now_ms.saturating_sub(self.window_ms);
         let mut recs = Vec::new();
         self.buffer.lookup(fp, &mut recs);
-        for run in &self.resident {
-            run.lookup(fp, &mut recs);
+        for buffer in &self.frozen {
+            buffer.lookup(fp, &mut recs);
         }
-        for run in &self.disk {
-            run.lookup(fp, &mut recs)?;
-        }
+        self.levels.lookup(fp, &mut recs)?;
         recs.retain(|r| r.ts >= cutoff);
         recs.sort_unstable_by_key(|r| (r.partition, r.offset));
         recs.dedup_by_key(|r| (r.partition, r.offset));
@@ -351,9 +825,13 @@ impl DedupIndex {
                 body_hash: entry.body_hash,
                 ts: entry.timestamp_ms,
             });
+            s.inserts_since_checkpoint += 1;
             if s.buffer.is_full() {
-                s.flush_buffer()?;
-                s.maybe_spill()?;
+                let full = std::mem::replace(&mut s.buffer, Buffer::new(s.buffer_entries));
+                s.frozen.push(Arc::new(full));
+                if s.deferred.is_none() || s.frozen.len() > MAX_FROZEN_BUFFERS {
+                    s.maintain_inline(false)?;
+                }
             }
             Ok(())
         })
@@ -369,35 +847,42 @@ impl DedupIndex {
     }
 
     /// Persists everything inserted so far (crash-safe), so that a restart only replays
-    /// the log from the returned positions on. Does nothing when nothing changed.
+    /// the log from the returned positions on. Does nothing when nothing changed, and
+    /// while a maintenance job is out (that job's checkpoint, or the next, covers it).
     pub fn checkpoint(&mut self) -> Result<(), DedupError> {
         self.guarded(|s| {
-            if !s.dirty && s.obsolete.is_empty() {
+            if !s.dirty && s.levels.obsolete.is_empty() && s.frozen.is_empty() {
                 return Ok(());
             }
-            s.flush_buffer()?;
-            s.maybe_spill()?;
-            if s.dirty || !s.obsolete.is_empty() {
-                s.write_checkpoint()?;
-            }
-            Ok(())
+            s.maintain_inline(true)
         })
     }
 
     /// Drops entries with `timestamp_ms < now_ms - window` from memory, and from disk
     /// (deleting wholly expired run files, rewriting mostly expired ones). Returns how
-    /// many entries were dropped.
+    /// many entries were dropped; 0 while a maintenance job is out.
     pub fn expire(&mut self, now_ms: i64) -> Result<usize, DedupError> {
-        self.guarded(|s| s.expire_inner(now_ms))
+        self.guarded(|s| {
+            if s.job_out {
+                return Ok(0);
+            }
+            let cutoff = now_ms.saturating_sub(s.window_ms);
+            let mut dropped = s.buffer.expire(cutoff);
+            let (from_runs, disk_changed) = s.levels.expire(&s.dir, cutoff)?;
+            dropped += from_runs;
+            s.generation += 1;
+            if dropped > 0 || disk_changed {
+                s.dirty = true;
+                tracing::debug!(dir = %s.dir.display(), dropped, "dedup index expired entries");
+            }
+            Ok(dropped)
+        })
     }
 
     /// Entries held (memory and disk). Expired entries of disk runs not yet rewritten and
     /// replayed copies not yet merged away are included.
     pub fn len(&self) -> usize {
-        let disk: u64 = self.disk.iter().map(|r| r.count).sum();
-        self.buffer.len()
-            + self.resident.iter().map(|r| r.cols.len()).sum::<usize>()
-            + usize::try_from(disk).unwrap_or(usize::MAX)
+        self.buffer.len() + self.frozen.iter().map(|b| b.len()).sum::<usize>() + self.levels.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -410,21 +895,19 @@ impl DedupIndex {
         size_of::<Self>()
             + self.dir.as_os_str().len()
             + self.buffer.memory_bytes()
-            + self.resident.capacity() * size_of::<ResidentRun>()
+            + self.frozen.capacity() * size_of::<Arc<Buffer>>()
             + self
-                .resident
+                .frozen
                 .iter()
-                .map(ResidentRun::memory_bytes)
+                .map(|b| size_of::<Buffer>() + b.memory_bytes())
                 .sum::<usize>()
-            + self.disk.capacity() * size_of::<DiskRun>()
-            + self.disk.iter().map(DiskRun::memory_bytes).sum::<usize>()
+            + self.levels.memory_bytes()
             + self.next.capacity() * size_of::<(u32, u64)>()
-            + self.obsolete.capacity() * size_of::<u64>()
     }
 
     /// Number of runs currently on disk only (spilled).
     pub fn disk_runs(&self) -> usize {
-        self.disk.len()
+        self.levels.disk.len()
     }
 
     fn poison_error(&self) -> DedupError {
@@ -459,229 +942,6 @@ impl DedupIndex {
             Err(i) => self.next.insert(i, (partition, next)),
         }
         self.dirty = true;
-    }
-
-    fn take_run_id(&mut self) -> u64 {
-        let id = self.next_run_id;
-        self.next_run_id += 1;
-        id
-    }
-
-    /// Turns the buffer into a resident run and merges adjacent resident runs while the
-    /// older is at most twice the size of the newer.
-    fn flush_buffer(&mut self) -> Result<(), DedupError> {
-        if self.buffer.len() == 0 {
-            return Ok(());
-        }
-        let cols = self.buffer.drain_sorted();
-        self.resident.push(ResidentRun::new(None, cols));
-        while let [.., older, newer] = self.resident.as_slice() {
-            if older.cols.len() > 2 * newer.cols.len() {
-                break;
-            }
-            let mut cols = Columns::with_capacity(older.cols.len() + newer.cols.len());
-            merge(
-                older.cols.iter().map(Ok),
-                newer.cols.iter().map(Ok),
-                self.expired_cutoff,
-                |r| {
-                    cols.push(r);
-                    Ok(())
-                },
-            )?;
-            for run in self.resident.drain(self.resident.len() - 2..) {
-                self.obsolete.extend(run.id);
-            }
-            if !cols.is_empty() {
-                self.resident.push(ResidentRun::new(None, cols));
-            }
-        }
-        Ok(())
-    }
-
-    /// Past the budget: checkpoint, then move resident runs (oldest first) to disk until
-    /// under half the budget; then merge disk runs if there are too many.
-    fn maybe_spill(&mut self) -> Result<(), DedupError> {
-        if self.memory_bytes() <= self.budget {
-            return Ok(());
-        }
-        self.write_checkpoint()?;
-        let mut demoted = 0usize;
-        while self.memory_bytes() > self.budget / 2 {
-            let Some(id) = self.resident.first().and_then(|r| r.id) else {
-                break;
-            };
-            let run = DiskRun::open(&self.dir, id)?;
-            self.resident.remove(0);
-            self.disk.push(run);
-            demoted += 1;
-        }
-        tracing::debug!(
-            dir = %self.dir.display(),
-            demoted_runs = demoted,
-            disk_runs = self.disk.len(),
-            memory_bytes = self.memory_bytes(),
-            budget = self.budget,
-            "dedup index spilled to disk"
-        );
-        self.compact_disk()
-    }
-
-    fn compact_disk(&mut self) -> Result<(), DedupError> {
-        let mut changed = false;
-        while self.disk.len() > MAX_DISK_RUNS {
-            let Some(i) = (0..self.disk.len() - 1).min_by_key(|&i| {
-                self.disk
-                    .get(i..=i + 1)
-                    .map_or(u64::MAX, |p| p.iter().map(|r| r.count).sum())
-            }) else {
-                break;
-            };
-            let id = self.take_run_id();
-            let (Some(a), Some(b)) = (self.disk.get(i), self.disk.get(i + 1)) else {
-                break;
-            };
-            let mut w = RunWriter::create(&self.dir, id, a.count + b.count)?;
-            merge(a.cursor(), b.cursor(), self.expired_cutoff, |r| w.push(r))?;
-            let merged = match w.finish()? {
-                Some(_) => Some(DiskRun::open(&self.dir, id)?),
-                None => None,
-            };
-            tracing::debug!(
-                dir = %self.dir.display(),
-                inputs = %format!("{}, {}", a.path().display(), b.path().display()),
-                entries = merged.as_ref().map_or(0, |r| r.count),
-                "dedup index merged disk runs"
-            );
-            let old: Vec<DiskRun> = self.disk.splice(i..=i + 1, merged).collect();
-            self.obsolete.extend(old.iter().map(|r| r.id));
-            changed = true;
-        }
-        if changed {
-            self.write_checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// Writes unpersisted resident runs, then the manifest, then deletes replaced runs.
-    fn write_checkpoint(&mut self) -> Result<(), DedupError> {
-        self.flush_buffer()?;
-        let mut written = 0usize;
-        for i in 0..self.resident.len() {
-            if self.resident.get(i).is_none_or(|r| r.id.is_some()) {
-                continue;
-            }
-            let id = self.take_run_id();
-            let Some(run) = self.resident.get_mut(i) else {
-                continue;
-            };
-            let mut w = RunWriter::create(&self.dir, id, run.cols.len() as u64)?;
-            for rec in run.cols.iter() {
-                w.push(&rec)?;
-            }
-            w.finish()?;
-            run.id = Some(id);
-            written += 1;
-        }
-        let manifest = Manifest {
-            replay_from: self.next.clone(),
-            runs: self
-                .disk
-                .iter()
-                .map(|r| r.id)
-                .chain(self.resident.iter().filter_map(|r| r.id))
-                .collect(),
-        };
-        manifest.store(&self.dir)?;
-        let deleted = self.obsolete.len();
-        for id in std::mem::take(&mut self.obsolete) {
-            let path = self.dir.join(format::run_file_name(id));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&path)(e)),
-            }
-        }
-        self.dirty = false;
-        tracing::debug!(
-            dir = %self.dir.display(),
-            runs = manifest.runs.len(),
-            runs_written = written,
-            runs_deleted = deleted,
-            entries = self.len(),
-            "dedup index checkpointed"
-        );
-        Ok(())
-    }
-
-    fn expire_inner(&mut self, now_ms: i64) -> Result<usize, DedupError> {
-        let cutoff = now_ms.saturating_sub(self.window_ms);
-        self.expired_cutoff = self.expired_cutoff.max(cutoff);
-        let mut dropped = self.buffer.expire(cutoff);
-        let mut kept_resident = Vec::with_capacity(self.resident.len());
-        for run in std::mem::take(&mut self.resident) {
-            if run.cols.min_ts().is_none_or(|t| t >= cutoff) {
-                kept_resident.push(run);
-                continue;
-            }
-            let live = run.cols.iter().filter(|r| r.ts >= cutoff).count();
-            let mut cols = Columns::with_capacity(live);
-            for rec in run.cols.iter().filter(|r| r.ts >= cutoff) {
-                cols.push(&rec);
-            }
-            dropped += run.cols.len() - cols.len();
-            self.obsolete.extend(run.id);
-            if !cols.is_empty() {
-                kept_resident.push(ResidentRun::new(None, cols));
-            }
-        }
-        self.resident = kept_resident;
-        let mut disk_changed = false;
-        let mut i = 0;
-        while let Some(run) = self.disk.get(i) {
-            if run.max_ts < cutoff {
-                dropped += usize::try_from(run.count).unwrap_or(usize::MAX);
-                self.obsolete.push(run.id);
-                self.disk.remove(i);
-                disk_changed = true;
-                continue;
-            }
-            // Rewrite when about half of the run is expired (assuming evenly spread times).
-            let span = (run.max_ts as i128 - run.min_ts as i128).max(1);
-            let expired_span = cutoff as i128 - run.min_ts as i128;
-            if expired_span * 2 >= span {
-                let id = self.take_run_id();
-                let Some(run) = self.disk.get(i) else { break };
-                let mut w = RunWriter::create(&self.dir, id, run.count)?;
-                merge(run.cursor(), std::iter::empty(), cutoff, |r| w.push(r))?;
-                let kept = w.finish()?;
-                let new_count = kept.map_or(0, |(_, n)| n);
-                dropped += usize::try_from(run.count.saturating_sub(new_count)).unwrap_or(0);
-                self.obsolete.push(run.id);
-                disk_changed = true;
-                match kept {
-                    Some(_) => {
-                        let new_run = DiskRun::open(&self.dir, id)?;
-                        if let Some(slot) = self.disk.get_mut(i) {
-                            *slot = new_run;
-                        }
-                    }
-                    None => {
-                        self.disk.remove(i);
-                        continue;
-                    }
-                }
-            }
-            i += 1;
-        }
-        if dropped > 0 || disk_changed {
-            self.dirty = true;
-            tracing::debug!(dir = %self.dir.display(), dropped, "dedup index expired entries");
-        }
-        if disk_changed {
-            self.write_checkpoint()?;
-        }
-        Ok(dropped)
     }
 }
 
@@ -724,7 +984,11 @@ mod tests {
             idx.insert(&i.to_le_bytes(), entry(0, i, 10)).unwrap();
         }
         assert_eq!(idx.len() as u64, n);
-        assert!(idx.resident.len() <= 6, "{} runs", idx.resident.len());
+        assert!(
+            idx.levels.resident.len() <= 6,
+            "{} runs",
+            idx.levels.resident.len()
+        );
         for i in (0..n).step_by(9973) {
             assert_eq!(
                 idx.candidates(&i.to_le_bytes(), 10).unwrap(),
@@ -750,6 +1014,118 @@ mod tests {
                 vec![entry(1, i, 10)]
             );
         }
+    }
+
+    #[test]
+    fn deferred_maintenance_runs_off_the_lock_while_inserts_and_lookups_go_on() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(4 << 20)).unwrap();
+        let per_buffer = idx.buffer_entries as u64;
+        idx.defer_maintenance(3 * per_buffer);
+        let idx = Arc::new(Mutex::new(idx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let maintainer = {
+            let (idx, stop) = (Arc::clone(&idx), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut jobs = 0u32;
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    let job = idx.lock().unwrap().begin_maintenance().unwrap();
+                    match job {
+                        Some(job) => {
+                            let done = job.run();
+                            idx.lock().unwrap().finish_maintenance(done).unwrap();
+                            jobs += 1;
+                        }
+                        None => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+                jobs
+            })
+        };
+        let n = 40 * per_buffer;
+        for i in 0..n {
+            let mut g = idx.lock().unwrap();
+            g.insert(&i.to_le_bytes(), entry(0, i, 10)).unwrap();
+            if i % 97 == 0 {
+                let probe = i / 2;
+                assert_eq!(
+                    g.candidates(&probe.to_le_bytes(), 10).unwrap(),
+                    vec![entry(0, probe, 10)],
+                    "key {probe} lost while maintenance ran"
+                );
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let jobs = maintainer.join().unwrap();
+        assert!(jobs > 0, "the maintainer took work");
+        let mut idx = Arc::try_unwrap(idx).unwrap().into_inner().unwrap();
+        while let Some(job) = idx.begin_maintenance().unwrap() {
+            let done = job.run();
+            idx.finish_maintenance(done).unwrap();
+        }
+        assert!(idx.frozen.is_empty());
+        assert_eq!(idx.len() as u64, n);
+        idx.checkpoint().unwrap();
+        drop(idx);
+        let (idx, replay_from) = DedupIndex::open(dir.path(), config(4 << 20)).unwrap();
+        assert_eq!(
+            replay_from.get(&0),
+            Some(&n),
+            "a final checkpoint persists all"
+        );
+        for i in (0..n).step_by(331) {
+            assert_eq!(
+                idx.candidates(&i.to_le_bytes(), 10).unwrap(),
+                vec![entry(0, i, 10)]
+            );
+        }
+    }
+
+    #[test]
+    fn deferred_index_works_itself_when_nobody_maintains_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        idx.defer_maintenance(u64::MAX);
+        let n = (MAX_FROZEN_BUFFERS as u64 + 3) * idx.buffer_entries as u64;
+        for i in 0..n {
+            idx.insert(&i.to_le_bytes(), entry(2, i, 10)).unwrap();
+        }
+        assert!(idx.maintenance_due());
+        assert!(
+            idx.frozen.len() <= MAX_FROZEN_BUFFERS,
+            "{}",
+            idx.frozen.len()
+        );
+        assert_eq!(idx.len() as u64, n);
+        for i in (0..n).step_by(101) {
+            assert_eq!(
+                idx.candidates(&i.to_le_bytes(), 10).unwrap(),
+                vec![entry(2, i, 10)]
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_finished_against_a_changed_index_poisons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        idx.defer_maintenance(1);
+        idx.insert(b"k", entry(0, 0, 10)).unwrap();
+        let job = idx.begin_maintenance().unwrap().unwrap();
+        assert!(
+            idx.begin_maintenance().unwrap().is_none(),
+            "one job at a time"
+        );
+        let done = job.run();
+        idx.generation += 1; // as if something else replaced the runs meanwhile
+        assert!(idx.finish_maintenance(done).is_err());
+        assert!(matches!(
+            idx.candidates(b"k", 10),
+            Err(DedupError::Poisoned { .. })
+        ));
     }
 
     #[test]
