@@ -226,6 +226,17 @@ pub struct PublishOutcome {
     pub durability: Durability,
 }
 
+/// The size of a topic's deduplication index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Remembered idempotency keys (memory and disk).
+    pub keys: u64,
+    /// Bytes of memory the index holds.
+    pub memory_bytes: u64,
+    /// Runs spilled to disk.
+    pub disk_runs: u64,
+}
+
 /// Counters of one topic, for metrics.
 #[derive(Debug, Default)]
 pub struct TopicCounters {
@@ -362,6 +373,17 @@ impl TopicRuntime {
             })
     }
 
+    /// What the topic's deduplication index holds now (keys not yet expired by
+    /// maintenance included).
+    pub fn dedup_stats(&self) -> Result<DedupStats, BrokerError> {
+        let d = self.dedup.lock().map_err(poisoned)?;
+        Ok(DedupStats {
+            keys: d.len() as u64,
+            memory_bytes: d.memory_bytes() as u64,
+            disk_runs: d.disk_runs() as u64,
+        })
+    }
+
     /// Reads one stored message.
     pub fn read_one(
         &self,
@@ -447,7 +469,7 @@ impl TopicRuntime {
         // Bounded: a job takes all pending work; a few more rounds catch what arrived.
         for _ in 0..8 {
             let job = match self.dedup.lock() {
-                Ok(mut d) => d.begin_maintenance(),
+                Ok(mut d) => d.begin_maintenance(carebus_log::now_ms()),
                 Err(_) => return,
             };
             let job = match job {
@@ -739,7 +761,7 @@ impl Broker {
                         None => dedup.advance(partition, offset)?,
                     }
                 }
-                if dedup.maintenance_due() {
+                if dedup.maintenance_due(now) {
                     indexer
                         .dedup_maintenance_wanted
                         .store(true, Ordering::Release);

@@ -14,8 +14,8 @@ pub mod topic;
 mod txn;
 
 pub use broker::{
-    Broker, BrokerConfig, BrokerError, CommitStep, MessageTrace, PublishOutcome, TopicCounters,
-    TopicRuntime,
+    Broker, BrokerConfig, BrokerError, CommitStep, DedupStats, MessageTrace, PublishOutcome,
+    TopicCounters, TopicRuntime,
 };
 pub use message::{PublishMessage, StoredMessage, body_hash};
 pub use store::{Store, StoreError, StoreReport, Topic};

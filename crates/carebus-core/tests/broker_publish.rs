@@ -1,7 +1,7 @@
 //! Guards exactly-once publish in the broker core: duplicates by idempotency key are
 //! not stored again (also across a restart without a dedup checkpoint), conflicting
 //! resends are reported and keep the first copy, one partition key keeps one partition
-//! and its order, and batches are all-or-nothing.
+//! and its order, batches are all-or-nothing, and keys past the window are dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bytes::Bytes;
@@ -331,4 +331,55 @@ async fn a_publisher_that_gives_up_midway_never_causes_a_second_copy() {
         assert!(again[0].duplicate, "{key} stored twice after a restart");
     }
     assert!(count_copies(&broker).values().all(|&n| n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_past_the_dedup_window_are_forgotten_and_their_memory_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    let config = TopicConfig {
+        dedup_window_ms: Some(1_000),
+        ..TopicConfig::default()
+    };
+    broker.put_topic("short", config).unwrap();
+    let rt = broker.topic("short").unwrap();
+    for i in 0..50 {
+        let m = msg("old", Some(&format!("old-{i}")), None);
+        assert!(!broker.publish("short", vec![m]).await.unwrap()[0].duplicate);
+    }
+    assert_eq!(rt.dedup_stats().unwrap().keys, 50);
+    let resend = broker
+        .publish("short", vec![msg("old", Some("old-0"), None)])
+        .await
+        .unwrap();
+    assert!(
+        resend[0].duplicate,
+        "inside the window a resend is a duplicate"
+    );
+    // Keep publishing new keys (publishes are what schedule maintenance) until the old
+    // keys have been expired: after the 1 s window plus the 1 s expiry interval.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let m = msg("new", Some(&format!("new-{n}")), None);
+        broker.publish("short", vec![m]).await.unwrap();
+        // At 5 new keys a second, at most ~10 are younger than window + interval; 15
+        // or fewer remembered means the old ones are going (they expire in passes).
+        let keys = rt.dedup_stats().unwrap().keys;
+        if keys <= 15 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old keys still remembered: {keys} after {n} new ones"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Past the window the old key is new again.
+    let after = broker
+        .publish("short", vec![msg("old", Some("old-1"), None)])
+        .await
+        .unwrap();
+    assert!(!after[0].duplicate);
 }

@@ -200,6 +200,7 @@ struct TopicSnap {
     published: u64,
     duplicates: u64,
     conflicts: u64,
+    dedup: Option<carebus_core::DedupStats>,
     partitions: Vec<PartitionSnap>,
     subscriptions: Vec<SubSnap>,
 }
@@ -213,6 +214,7 @@ fn snapshot(broker: &Broker) -> Vec<TopicSnap> {
             published: rt.counters.published.load(Relaxed),
             duplicates: rt.counters.duplicates.load(Relaxed),
             conflicts: rt.counters.conflicts.load(Relaxed),
+            dedup: rt.dedup_stats().ok(),
             partitions: rt
                 .topic()
                 .partitions
@@ -273,6 +275,33 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
         w.family(name, "counter", help);
         for t in &topics {
             w.sample(name, &[("topic", &t.name)], f(t));
+        }
+    }
+
+    type DedupFigure = fn(&carebus_core::DedupStats) -> u64;
+    let dedup: [(&str, &str, DedupFigure); 3] = [
+        (
+            "carebus_dedup_keys",
+            "Idempotency keys the topic's deduplication index remembers (memory and disk).",
+            |d| d.keys,
+        ),
+        (
+            "carebus_dedup_memory_bytes",
+            "Bytes of memory held by the topic's deduplication index.",
+            |d| d.memory_bytes,
+        ),
+        (
+            "carebus_dedup_disk_runs",
+            "Runs of the topic's deduplication index spilled to disk.",
+            |d| d.disk_runs,
+        ),
+    ];
+    for (name, help, f) in dedup {
+        w.family(name, "gauge", help);
+        for t in &topics {
+            if let Some(d) = &t.dedup {
+                w.sample(name, &[("topic", &t.name)], f(d));
+            }
         }
     }
 

@@ -1143,6 +1143,9 @@ fn metrics(api: &mut Api, published: u64) {
         ("carebus_topic_published_total", "counter"),
         ("carebus_topic_duplicates_total", "counter"),
         ("carebus_topic_conflicts_total", "counter"),
+        ("carebus_dedup_keys", "gauge"),
+        ("carebus_dedup_memory_bytes", "gauge"),
+        ("carebus_dedup_disk_runs", "gauge"),
         ("carebus_partition_end_offset", "gauge"),
         ("carebus_subscription_delivered_total", "counter"),
         ("carebus_subscription_acked_total", "counter"),
@@ -1169,6 +1172,10 @@ fn metrics(api: &mut Api, published: u64) {
     );
     assert_eq!(get("carebus_topic_duplicates_total", &orders), 4.0);
     assert_eq!(get("carebus_topic_conflicts_total", &orders), 1.0);
+    // Three distinct idempotency keys were stored in lab.orders (one message had none).
+    assert_eq!(get("carebus_dedup_keys", &orders), 3.0);
+    assert!(get("carebus_dedup_memory_bytes", &orders) > 0.0);
+    assert_eq!(get("carebus_dedup_disk_runs", &orders), 0.0);
     assert_eq!(
         get("carebus_topic_published_total", &[("topic", "sub.basic")]),
         3.0

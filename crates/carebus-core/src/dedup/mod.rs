@@ -31,8 +31,8 @@
 //! len(), is_empty(), memory_bytes(), disk_runs()
 //!
 //! defer_maintenance(&mut self, checkpoint_every)   // inserts stop sorting and writing
-//! maintenance_due(&self) -> bool
-//! begin_maintenance(&mut self) -> Option<Maintenance>   // under the owner's lock: cheap
+//! maintenance_due(&self, now_ms) -> bool
+//! begin_maintenance(&mut self, now_ms) -> Option<Maintenance>   // under the owner's lock: cheap
 //! Maintenance::run(self) -> MaintenanceDone             // without the lock: the work
 //! finish_maintenance(&mut self, Result<MaintenanceDone>) // under the lock: cheap
 //! ```
@@ -41,7 +41,9 @@
 //! and inserts share) calls `defer_maintenance`: a full buffer is then frozen (lookups
 //! still search it) and replaced, and the owner runs the work as a job off its lock. The
 //! runs live in a copy-on-write `Levels` (vectors of `Arc`s), so a job works on a copy
-//! and `finish_maintenance` swaps it in; one job is out at a time.
+//! and `finish_maintenance` swaps it in; one job is out at a time. A job also expires
+//! entries older than the window, at most once per [`expire_interval`] (so memory and
+//! disk hold what the window needs, not everything ever published).
 //! The `*_by_fingerprint` forms let the caller hash a key once for both calls (and let
 //! tests construct fingerprint collisions).
 //!
@@ -517,8 +519,17 @@ pub struct DedupIndex {
     /// and wants a checkpoint after every `n` inserts.
     deferred: Option<u64>,
     inserts_since_checkpoint: u64,
+    /// Deferred mode: the next maintenance job at or after this time (ms) also expires
+    /// entries older than the window.
+    next_expiry_ms: i64,
     dirty: bool,
     poisoned: bool,
+}
+
+/// How often maintenance expires old entries for a window: a sixteenth of it, between
+/// one second and one hour (hourly for the default 7-day window).
+pub fn expire_interval(window: Duration) -> Duration {
+    (window / 16).clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 impl fmt::Debug for DedupIndex {
@@ -547,6 +558,8 @@ pub struct Maintenance {
     levels: Levels,
     /// The replay positions to persist, taken when the buffer was frozen.
     checkpoint: Option<Vec<(u32, u64)>>,
+    /// Drop entries older than this (ms), when expiry is due.
+    expire_before: Option<i64>,
     other_memory: usize,
     generation: u64,
 }
@@ -564,6 +577,12 @@ impl Maintenance {
     pub fn run(mut self) -> Result<MaintenanceDone, DedupError> {
         for buffer in &self.frozen {
             self.levels.add_run(buffer.to_sorted_columns())?;
+        }
+        if let Some(cutoff) = self.expire_before {
+            let (dropped, _) = self.levels.expire(&self.dir, cutoff)?;
+            if dropped > 0 {
+                tracing::debug!(dir = %self.dir.display(), dropped, "dedup index expired entries");
+            }
         }
         if let Some(next) = &self.checkpoint {
             self.levels.write_checkpoint(&self.dir, Some(next))?;
@@ -636,6 +655,8 @@ impl DedupIndex {
             job_out: false,
             deferred: None,
             inserts_since_checkpoint: 0,
+            // The first job after opening expires what aged during the downtime.
+            next_expiry_ms: i64::MIN,
             dirty: false,
             poisoned: false,
         };
@@ -682,28 +703,35 @@ impl DedupIndex {
         self.deferred = Some(checkpoint_every.max(1));
     }
 
-    /// Whether [`begin_maintenance`](Self::begin_maintenance) has work to hand out.
-    pub fn maintenance_due(&self) -> bool {
+    /// Whether [`begin_maintenance`](Self::begin_maintenance) has work to hand out at
+    /// `now_ms`: full buffers, a checkpoint, or (in deferred mode) an expiry pass.
+    pub fn maintenance_due(&self, now_ms: i64) -> bool {
         !self.poisoned
             && !self.job_out
             && (!self.frozen.is_empty()
-                || self
-                    .deferred
-                    .is_some_and(|every| self.inserts_since_checkpoint >= every))
+                || self.deferred.is_some_and(|every| {
+                    self.inserts_since_checkpoint >= every || self.expiry_due(now_ms)
+                }))
+    }
+
+    fn expiry_due(&self, now_ms: i64) -> bool {
+        now_ms >= self.next_expiry_ms && !self.is_empty()
     }
 
     /// Takes the pending maintenance work (full buffers to sort and merge, a checkpoint
     /// when due) as a job to [`run`](Maintenance::run) without the index's lock. Lookups
     /// and inserts go on meanwhile. Only one job is out at a time: `None` while one is,
     /// or when there is nothing to do.
-    pub fn begin_maintenance(&mut self) -> Result<Option<Maintenance>, DedupError> {
+    pub fn begin_maintenance(&mut self, now_ms: i64) -> Result<Option<Maintenance>, DedupError> {
         if self.poisoned {
             return Err(self.poison_error());
         }
         let checkpoint = self
             .deferred
             .is_some_and(|every| self.inserts_since_checkpoint >= every);
-        Ok(self.begin(checkpoint))
+        let expire_before = (self.deferred.is_some() && self.expiry_due(now_ms))
+            .then(|| now_ms.saturating_sub(self.window_ms));
+        Ok(self.begin(checkpoint, expire_before))
     }
 
     /// Installs the result of a job from [`begin_maintenance`](Self::begin_maintenance).
@@ -715,9 +743,20 @@ impl DedupIndex {
         self.guarded(|s| s.finish(done))
     }
 
-    fn begin(&mut self, checkpoint: bool) -> Option<Maintenance> {
+    fn begin(&mut self, checkpoint: bool, expire_before: Option<i64>) -> Option<Maintenance> {
         if self.job_out {
             return None;
+        }
+        if let Some(cutoff) = expire_before {
+            let window = Duration::from_millis(u64::try_from(self.window_ms).unwrap_or(u64::MAX));
+            let every = i64::try_from(expire_interval(window).as_millis()).unwrap_or(i64::MAX);
+            self.next_expiry_ms = cutoff.saturating_add(self.window_ms).saturating_add(every);
+            // The live buffer is expired here, under the owner's lock (a pass over at
+            // most 65 536 entries, once per interval); the job does frozen buffers and runs.
+            let dropped = self.buffer.expire(cutoff);
+            if dropped > 0 {
+                self.dirty = true;
+            }
         }
         // A checkpoint, and a spill (which persists runs), need every entry below the
         // replay positions in the runs: freeze the buffer with the positions.
@@ -732,7 +771,11 @@ impl DedupIndex {
         } else {
             None
         };
-        if self.frozen.is_empty() && snapshot.is_none() && self.levels.obsolete.is_empty() {
+        if self.frozen.is_empty()
+            && snapshot.is_none()
+            && expire_before.is_none()
+            && self.levels.obsolete.is_empty()
+        {
             return None;
         }
         let frozen_memory: usize = self.frozen.iter().map(|b| b.memory_bytes()).sum();
@@ -743,6 +786,7 @@ impl DedupIndex {
             frozen: self.frozen.clone(),
             levels: self.levels.clone(),
             checkpoint: snapshot,
+            expire_before,
             other_memory: self
                 .memory_bytes()
                 .saturating_sub(self.levels.memory_bytes() + frozen_memory),
@@ -767,7 +811,7 @@ impl DedupIndex {
 
     /// Runs the pending work here and now.
     fn maintain_inline(&mut self, checkpoint: bool) -> Result<(), DedupError> {
-        if let Some(job) = self.begin(checkpoint) {
+        if let Some(job) = self.begin(checkpoint, None) {
             let done = job.run();
             self.finish(done)?;
         }
@@ -1032,7 +1076,7 @@ mod tests {
                 let mut jobs = 0u32;
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-                    let job = idx.lock().unwrap().begin_maintenance().unwrap();
+                    let job = idx.lock().unwrap().begin_maintenance(10).unwrap();
                     match job {
                         Some(job) => {
                             let done = job.run();
@@ -1062,7 +1106,7 @@ mod tests {
         let jobs = maintainer.join().unwrap();
         assert!(jobs > 0, "the maintainer took work");
         let mut idx = Arc::try_unwrap(idx).unwrap().into_inner().unwrap();
-        while let Some(job) = idx.begin_maintenance().unwrap() {
+        while let Some(job) = idx.begin_maintenance(10).unwrap() {
             let done = job.run();
             idx.finish_maintenance(done).unwrap();
         }
@@ -1093,7 +1137,7 @@ mod tests {
         for i in 0..n {
             idx.insert(&i.to_le_bytes(), entry(2, i, 10)).unwrap();
         }
-        assert!(idx.maintenance_due());
+        assert!(idx.maintenance_due(10));
         assert!(
             idx.frozen.len() <= MAX_FROZEN_BUFFERS,
             "{}",
@@ -1109,14 +1153,68 @@ mod tests {
     }
 
     #[test]
+    fn deferred_maintenance_expires_entries_past_the_window_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = 3_600_000i64;
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        idx.defer_maintenance(u64::MAX);
+        let per_buffer = idx.buffer_entries as u64;
+        // Old entries (t = 1 000) fill three buffers, recent ones (t = 2 h) one more.
+        let old = 3 * per_buffer;
+        for i in 0..old {
+            idx.insert(&i.to_le_bytes(), entry(0, i, 1_000)).unwrap();
+        }
+        for i in old..old + per_buffer {
+            idx.insert(&i.to_le_bytes(), entry(0, i, 2 * hour)).unwrap();
+        }
+        let run_all = |idx: &mut DedupIndex, now: i64| {
+            let mut jobs = 0;
+            while let Some(job) = idx.begin_maintenance(now).unwrap() {
+                let done = job.run();
+                idx.finish_maintenance(done).unwrap();
+                jobs += 1;
+                assert!(jobs < 100, "maintenance does not settle");
+            }
+            jobs
+        };
+        // Just inside the window nothing is dropped.
+        assert!(run_all(&mut idx, 1_000 + hour) > 0);
+        assert_eq!(idx.len() as u64, old + per_buffer);
+        // The next pass is not due before the interval (an hour's sixteenth) passes.
+        let next = 1_000 + hour + hour / 16;
+        assert!(!idx.maintenance_due(next - 1));
+        assert!(idx.maintenance_due(next + 1_001));
+        // Past the window of the old entries: they go, from memory and from lookups.
+        let now = next + 1_001;
+        let before = idx.memory_bytes();
+        assert!(run_all(&mut idx, now) > 0);
+        assert_eq!(idx.len() as u64, per_buffer, "only the recent entries stay");
+        assert!(
+            idx.memory_bytes() < before,
+            "{} >= {before}",
+            idx.memory_bytes()
+        );
+        assert_eq!(idx.candidates(&0u64.to_le_bytes(), 1_000).unwrap(), vec![]);
+        assert_eq!(
+            idx.candidates(&old.to_le_bytes(), now).unwrap(),
+            vec![entry(0, old, 2 * hour)]
+        );
+        // A checkpoint persists the expired state.
+        idx.checkpoint().unwrap();
+        drop(idx);
+        let (idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        assert_eq!(idx.len() as u64, per_buffer);
+    }
+
+    #[test]
     fn a_job_finished_against_a_changed_index_poisons_it() {
         let dir = tempfile::tempdir().unwrap();
         let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
         idx.defer_maintenance(1);
         idx.insert(b"k", entry(0, 0, 10)).unwrap();
-        let job = idx.begin_maintenance().unwrap().unwrap();
+        let job = idx.begin_maintenance(10).unwrap().unwrap();
         assert!(
-            idx.begin_maintenance().unwrap().is_none(),
+            idx.begin_maintenance(10).unwrap().is_none(),
             "one job at a time"
         );
         let done = job.run();
