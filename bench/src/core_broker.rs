@@ -215,6 +215,7 @@ pub fn deliver_ack(dir: &Path, count: u64, consumers: usize) -> anyhow::Result<D
 pub fn report(
     unkeyed: &PublishRun,
     keyed: &PublishRun,
+    paired_ratio: f64,
     deliver: &DeliverRun,
     publishers: usize,
     consumers: usize,
@@ -241,10 +242,15 @@ pub fn report(
         deliver.messages as f64 / deliver.elapsed.as_secs_f64()
     ));
     let ratio = keyed.per_sec() / unkeyed.per_sec();
+    let met = |r: f64| if r >= 0.9 { "yes" } else { "no" };
     s.push_str(&format!(
-        "\n| goal | measured | target | met |\n|---|---:|---:|---|\n| keyed publish ÷ unkeyed publish | {:.0} % | ≥ 90 % | {} |\n",
+        "\n| goal | measured | target | met |\n|---|---:|---:|---|\n\
+         | keyed publish ÷ unkeyed publish (median runs) | {:.0} % | ≥ 90 % | {} |\n\
+         | keyed publish ÷ unkeyed publish (median of each round's pair) | {:.0} % | ≥ 90 % | {} |\n",
         ratio * 100.0,
-        if ratio >= 0.9 { "yes" } else { "no" }
+        met(ratio),
+        paired_ratio * 100.0,
+        met(paired_ratio)
     ));
     s
 }

@@ -211,13 +211,38 @@ fn main() -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
+            // Throughput drifts with the machine (a shared VM) by ±10 % between runs;
+            // the ratio of the two runs of one round (taken back to back) cancels most
+            // of that drift, so the median of the rounds' ratios is reported too.
+            let mut paired: Vec<f64> = unkeyed_runs
+                .iter()
+                .zip(&keyed_runs)
+                .map(|(u, k)| k.per_sec() / u.per_sec())
+                .collect();
+            paired.sort_by(f64::total_cmp);
+            eprintln!(
+                "keyed ÷ unkeyed per round, sorted: {}",
+                paired
+                    .iter()
+                    .map(|r| format!("{:.0} %", r * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let paired_median = paired.get(paired.len() / 2).copied().unwrap_or(0.0);
             let unkeyed = core_broker::median(unkeyed_runs)?;
             let keyed = core_broker::median(keyed_runs)?;
             let deliver =
                 core_broker::deliver_ack(&work.path().join("deliver"), messages, consumers)?;
             println!(
                 "{}",
-                core_broker::report(&unkeyed, &keyed, &deliver, publishers, consumers)
+                core_broker::report(
+                    &unkeyed,
+                    &keyed,
+                    paired_median,
+                    &deliver,
+                    publishers,
+                    consumers
+                )
             );
             Ok(())
         }

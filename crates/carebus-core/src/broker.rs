@@ -10,6 +10,7 @@ use carebus_log::{AfterAppend, Durability, FsyncPolicy, Log, LogConfig, LogError
 use tokio::sync::Notify;
 
 use crate::dedup::{DedupConfig, DedupEntry, DedupError, DedupIndex, fingerprint};
+use crate::keys_in_flight::KeysInFlight;
 use crate::message::{PublishMessage, StoredMessage};
 use crate::store::{Store, StoreError, StoreReport, Topic};
 use crate::subscription::{
@@ -47,8 +48,6 @@ fn list_subdirs(dir: &Path) -> Result<Vec<PathBuf>, SubscriptionError> {
     Ok(out)
 }
 
-/// Lock stripes per topic that serialise publishes of the same idempotency key.
-const KEY_STRIPES: usize = 1024;
 /// Checkpoint a topic's dedup index after this many inserts.
 const CHECKPOINT_EVERY: u64 = 100_000;
 
@@ -261,7 +260,9 @@ pub struct TopicRuntime {
     /// Set by an insert that left maintenance due; a publisher then starts a job.
     dedup_maintenance_wanted: AtomicBool,
     dedup_maintenance_running: AtomicBool,
-    key_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Fingerprints of keys being published: a second publish of a key waits for the
+    /// first to be indexed (see `publish`).
+    keys_in_flight: Arc<KeysInFlight>,
     round_robin: AtomicU32,
     /// Notified after every append, for subscriptions waiting for data.
     pub new_data: Notify,
@@ -328,9 +329,7 @@ impl TopicRuntime {
             dedup_maintenance: Mutex::new(()),
             dedup_maintenance_wanted: AtomicBool::new(false),
             dedup_maintenance_running: AtomicBool::new(false),
-            key_stripes: (0..KEY_STRIPES)
-                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
-                .collect(),
+            keys_in_flight: Arc::default(),
             round_robin: AtomicU32::new(0),
             new_data: Notify::new(),
             counters: TopicCounters::default(),
@@ -655,33 +654,18 @@ impl Broker {
         };
         let log = rt.partition_log(partition)?;
 
-        // Each key is hashed once, for the lock stripe, the lookup and the insert.
+        // Each key is hashed once, for the in-flight claim, the lookup and the insert.
         let fingerprints: Vec<Option<u64>> = messages
             .iter()
             .map(|m| m.idempotency_key.as_deref().map(fingerprint))
             .collect();
-        // Serialise publishes of the same keys (stripes locked in order: no deadlock).
-        let stripe = |fp: &u64| usize::try_from(fp % KEY_STRIPES as u64).unwrap_or(0);
-        // The common single-message publish locks its one stripe without allocating.
-        // The guards are owned so that the log's after-append step can release them
-        // once the keys are indexed, even if this future is dropped meanwhile.
-        let mut single_guard = None;
-        let mut guards = Vec::new();
-        if let [Some(fp)] = fingerprints.as_slice() {
-            if let Some(m) = rt.key_stripes.get(stripe(fp)) {
-                single_guard = Some(Arc::clone(m).lock_owned().await);
-            }
-        } else {
-            let mut stripes: Vec<usize> = fingerprints.iter().flatten().map(stripe).collect();
-            stripes.sort_unstable();
-            stripes.dedup();
-            guards.reserve(stripes.len());
-            for s in stripes {
-                if let Some(m) = rt.key_stripes.get(s) {
-                    guards.push(Arc::clone(m).lock_owned().await);
-                }
-            }
-        }
+        // Serialise publishes of the same keys: claim their fingerprints (all at once,
+        // so no deadlock). The claim is owned so that the log's after-append step can
+        // release it once the keys are indexed, even if this future is dropped meanwhile.
+        let mut claim = rt
+            .keys_in_flight
+            .claim(fingerprints.iter().flatten().copied())
+            .await;
 
         let now = carebus_log::now_ms();
         let durability = rt.durability(self.config.log.fsync);
@@ -738,7 +722,7 @@ impl Broker {
                 .zip(&hashes)
                 .map(|(&i, &h)| (fingerprints.get(i).copied().flatten(), h))
                 .collect();
-            let held = (single_guard.take(), std::mem::take(&mut guards));
+            let held = claim.take();
             let indexer = Arc::clone(&rt);
             let after: AfterAppend = Box::new(move |ack| {
                 let _released_after_indexing = held;
@@ -802,8 +786,7 @@ impl Broker {
                 });
             }
         }
-        drop(guards);
-        drop(single_guard);
+        drop(claim);
         let outcomes: Vec<PublishOutcome> = outcomes.into_iter().flatten().collect();
         let dups = outcomes.iter().filter(|o| o.duplicate).count() as u64;
         let conflicts = outcomes.iter().filter(|o| o.conflict).count() as u64;

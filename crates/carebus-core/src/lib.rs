@@ -7,6 +7,7 @@
 
 mod broker;
 pub mod dedup;
+mod keys_in_flight;
 mod message;
 mod store;
 mod subscription;

@@ -507,6 +507,8 @@ pub struct DedupIndex {
     /// Full buffers waiting to be sorted into runs by maintenance, oldest first. Lookups
     /// search them like the buffer.
     frozen: Vec<Arc<Buffer>>,
+    /// An emptied buffer from finished maintenance, to replace the next full one.
+    spare: Option<Buffer>,
     levels: Levels,
     /// Per partition (ascending), the offset after the highest one inserted or advanced to.
     next: Vec<(u32, u64)>,
@@ -642,6 +644,7 @@ impl DedupIndex {
             buffer_entries,
             buffer: Buffer::new(buffer_entries),
             frozen: Vec::new(),
+            spare: None,
             levels: Levels {
                 resident: Vec::new(),
                 disk,
@@ -762,7 +765,8 @@ impl DedupIndex {
         // replay positions in the runs: freeze the buffer with the positions.
         let snapshot = if checkpoint || self.memory_bytes() > self.budget {
             if self.buffer.len() > 0 {
-                let full = std::mem::replace(&mut self.buffer, Buffer::new(self.buffer_entries));
+                let fresh = self.fresh_buffer();
+                let full = std::mem::replace(&mut self.buffer, fresh);
                 self.frozen.push(Arc::new(full));
             }
             self.dirty = false;
@@ -803,7 +807,15 @@ impl DedupIndex {
                 detail: "a maintenance job finished against a changed index".into(),
             });
         }
-        self.frozen.drain(..done.consumed);
+        for sorted in self.frozen.drain(..done.consumed) {
+            // The job has dropped its references: keep one buffer's memory for reuse.
+            if self.spare.is_none()
+                && let Ok(mut buffer) = Arc::try_unwrap(sorted)
+            {
+                buffer.reset();
+                self.spare = Some(buffer);
+            }
+        }
         self.levels = done.levels;
         self.generation += 1;
         Ok(())
@@ -871,7 +883,8 @@ impl DedupIndex {
             });
             s.inserts_since_checkpoint += 1;
             if s.buffer.is_full() {
-                let full = std::mem::replace(&mut s.buffer, Buffer::new(s.buffer_entries));
+                let fresh = s.fresh_buffer();
+                let full = std::mem::replace(&mut s.buffer, fresh);
                 s.frozen.push(Arc::new(full));
                 if s.deferred.is_none() || s.frozen.len() > MAX_FROZEN_BUFFERS {
                     s.maintain_inline(false)?;
@@ -939,6 +952,7 @@ impl DedupIndex {
         size_of::<Self>()
             + self.dir.as_os_str().len()
             + self.buffer.memory_bytes()
+            + self.spare.as_ref().map_or(0, Buffer::memory_bytes)
             + self.frozen.capacity() * size_of::<Arc<Buffer>>()
             + self
                 .frozen
@@ -952,6 +966,14 @@ impl DedupIndex {
     /// Number of runs currently on disk only (spilled).
     pub fn disk_runs(&self) -> usize {
         self.levels.disk.len()
+    }
+
+    /// An empty insert buffer: the spare if there is one, else a new one.
+    fn fresh_buffer(&mut self) -> Buffer {
+        match self.spare.take() {
+            Some(b) if b.capacity() == self.buffer_entries => b,
+            _ => Buffer::new(self.buffer_entries),
+        }
     }
 
     fn poison_error(&self) -> DedupError {
