@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use carebus_client::{
-    Client, Durability, Message, ReceiveOptions, SubscriptionConfig, TopicConfig,
+    Client, Durability, Message, PublishStream, ReceiveOptions, SubscriptionConfig, TopicConfig,
 };
 use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
 
 use super::driver::{BoxFut, Consumer, Driver, Received, now_ns, oru};
 use super::procs::{Server, free_port, wait_ready};
@@ -62,6 +63,18 @@ pub struct CarebusDriver {
     pub client: Client,
     /// Set when an acknowledgement said `buffered` instead of `fsynced`.
     pub saw_buffered: Arc<AtomicBool>,
+}
+
+impl CarebusDriver {
+    /// Whether a publish outcome was a duplicate; a conflict is an error (the harness
+    /// never changes a body), and a `buffered` acknowledgement is noted.
+    fn duplicate(&self, key: &str, o: &carebus_client::Outcome) -> anyhow::Result<bool> {
+        anyhow::ensure!(!o.conflict, "conflict for key {key}");
+        if o.durability != Durability::Fsynced {
+            self.saw_buffered.store(true, Ordering::Relaxed);
+        }
+        Ok(o.duplicate)
+    }
 }
 
 /// Starts `carebus serve` with its data in `dir` and waits until `/v1` answers.
@@ -116,11 +129,7 @@ impl Driver for CarebusDriver {
         Box::pin(async move {
             let m = Message::new(body.to_vec()).idempotency_key(key);
             let o = self.client.publish(topic, &m).await?;
-            anyhow::ensure!(!o.conflict, "conflict for key {key}");
-            if o.durability != Durability::Fsynced {
-                self.saw_buffered.store(true, Ordering::Relaxed);
-            }
-            Ok(o.duplicate)
+            self.duplicate(key, &o)
         })
     }
 
@@ -136,17 +145,33 @@ impl Driver for CarebusDriver {
                 topic: topic.to_owned(),
                 sub: sub.to_owned(),
                 name: name.to_owned(),
+                acks: JoinSet::new(),
             });
             Ok(c)
         })
     }
 }
 
+/// Ack requests one consumer keeps in flight while it receives the next messages.
+const ACKS_IN_FLIGHT: usize = 4;
+
 struct CarebusConsumer {
     client: Client,
     topic: String,
     sub: String,
     name: String,
+    /// Ack requests sent and not yet answered (each answer comes after an fsync).
+    acks: JoinSet<anyhow::Result<()>>,
+}
+
+impl CarebusConsumer {
+    /// Waits for one pending ack (if any) and fails if it was refused.
+    async fn settle_one(&mut self) -> anyhow::Result<()> {
+        if let Some(done) = self.acks.join_next().await {
+            done??;
+        }
+        Ok(())
+    }
 }
 
 impl Consumer for CarebusConsumer {
@@ -163,16 +188,32 @@ impl Consumer for CarebusConsumer {
                 return Ok(Received::default());
             }
             let ids: Vec<u64> = ds.iter().map(|d| d.delivery_id).collect();
-            let settled = self.client.ack(&self.topic, &self.sub, &ids).await?;
-            anyhow::ensure!(
-                settled.refused.is_empty(),
-                "{} acks refused",
-                settled.refused.len()
-            );
+            while self.acks.len() >= ACKS_IN_FLIGHT {
+                self.settle_one().await?;
+            }
+            let (client, topic, sub) = (self.client.clone(), self.topic.clone(), self.sub.clone());
+            self.acks.spawn(async move {
+                let settled = client.ack(&topic, &sub, &ids).await?;
+                anyhow::ensure!(
+                    settled.refused.is_empty(),
+                    "{} acks refused",
+                    settled.refused.len()
+                );
+                Ok(())
+            });
             Ok(Received {
                 at_ns,
                 bodies: ds.into_iter().map(|d| Bytes::from(d.body)).collect(),
             })
+        })
+    }
+
+    fn finish(&mut self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            while !self.acks.is_empty() {
+                self.settle_one().await?;
+            }
+            Ok(())
         })
     }
 }
@@ -233,4 +274,54 @@ pub async fn batch_publish(
         (&counted, &total),
     )
     .await
+}
+
+/// carebus publishing over the `messages:stream` WebSocket (one socket per topic, opened
+/// at the first publish and shared by all publishing tasks); everything else as
+/// [`CarebusDriver`]. Used for the W1 rows "over messages:stream".
+pub struct StreamDriver {
+    inner: CarebusDriver,
+    streams: tokio::sync::Mutex<std::collections::HashMap<String, PublishStream>>,
+}
+
+impl StreamDriver {
+    pub fn new(inner: CarebusDriver) -> Self {
+        StreamDriver {
+            inner,
+            streams: tokio::sync::Mutex::default(),
+        }
+    }
+
+    async fn stream(&self, topic: &str) -> anyhow::Result<PublishStream> {
+        let mut streams = self.streams.lock().await;
+        if let Some(s) = streams.get(topic) {
+            return Ok(s.clone());
+        }
+        let s = self.inner.client.publish_stream(topic).await?;
+        streams.insert(topic.to_owned(), s.clone());
+        Ok(s)
+    }
+}
+
+impl Driver for StreamDriver {
+    fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
+        self.inner.setup(topic, subs)
+    }
+
+    fn publish<'a>(&'a self, topic: &'a str, key: &'a str, body: Bytes) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let m = Message::new(body.to_vec()).idempotency_key(key);
+            let o = self.stream(topic).await?.publish(&m).await?;
+            self.inner.duplicate(key, &o)
+        })
+    }
+
+    fn consumer<'a>(
+        &'a self,
+        topic: &'a str,
+        sub: &'a str,
+        name: &'a str,
+    ) -> BoxFut<'a, Box<dyn Consumer>> {
+        self.inner.consumer(topic, sub, name)
+    }
 }

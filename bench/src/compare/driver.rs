@@ -39,9 +39,17 @@ pub struct Received {
 /// One consumer of a subscription.
 pub trait Consumer: Send {
     /// Up to `max` messages, waiting at most `wait` for the first; every returned message
-    /// has been acknowledged explicitly (the ack handed to the client library or, for
-    /// carebus, answered by the server) before this returns.
+    /// has been acknowledged explicitly before this returns: the ack handed to the client
+    /// library, which sends it without waiting for the next receive (NATS and RabbitMQ
+    /// acks are fire-and-forget frames; carebus pipelines its ack requests, each answered
+    /// after the server's fsync, and [`finish`](Consumer::finish) checks them all).
     fn receive_ack(&mut self, max: usize, wait: Duration) -> BoxFut<'_, Received>;
+
+    /// Waits for acknowledgements the client still has in flight and fails if any was
+    /// refused (for clients that pipeline them); called once the consumer is done.
+    fn finish(&mut self) -> BoxFut<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();

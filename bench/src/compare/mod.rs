@@ -340,6 +340,20 @@ async fn suite(
             }
             Err(e) => errors.push(format!("publish_batch: {e:#}")),
         }
+        let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
+        for inflight in [1usize, 256] {
+            eprintln!("[{name}] W1 via the messages:stream WebSocket, in-flight {inflight}");
+            let before = cpu_now(server_pids);
+            let topic = format!("w1stream{inflight}");
+            match workloads::w1(Arc::clone(&streaming), &topic, inflight, warm, secs).await {
+                Ok(t) => {
+                    let key = format!("stream_{inflight}");
+                    put_throughput(m, &key, &t);
+                    put_cpu(m, &key, before, cpu_now(server_pids), t.total);
+                }
+                Err(e) => errors.push(format!("messages:stream in-flight {inflight}: {e:#}")),
+            }
+        }
     }
     eprintln!(
         "[{name}] W2 retrying producer ({} unique + 10 % resends), W3 drain",

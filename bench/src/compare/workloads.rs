@@ -136,6 +136,7 @@ pub async fn drain(
                 count.fetch_add(got.bodies.len() as u64, Ordering::Relaxed);
                 last_ns.fetch_max(now_ns(), Ordering::Relaxed);
             }
+            c.finish().await?;
             Ok::<_, anyhow::Error>((keys, hist))
         }));
     }

@@ -5,6 +5,8 @@
 //! - [`Publisher`]: publishes with retries (exponential backoff with jitter, bounded in
 //!   attempts and time) on connection failures, timeouts and 5xx — never on 4xx — with
 //!   the idempotency key fixed before the first attempt, so a retry never stores twice.
+//! - [`PublishStream`]: many publishes in flight on one WebSocket
+//!   (`messages:stream`), each answered once durable.
 //! - [`Consumer`]: a receive → handle → ack/nack loop stopped by a cancellation token
 //!   or a count.
 //!
@@ -23,6 +25,7 @@
 mod consumer;
 mod error;
 mod retry;
+mod stream;
 mod types;
 
 use std::time::Duration;
@@ -36,6 +39,7 @@ use serde_json::{Value, json};
 pub use consumer::{Consumer, ConsumerOptions, ConsumerStats};
 pub use error::Error;
 pub use retry::{Published, Publisher, RetryPolicy, generate_idempotency_key};
+pub use stream::PublishStream;
 pub use tokio_util::sync::CancellationToken;
 pub use types::{
     CommitResult, DeadLetter, Delivery, Dispatch, Durability, Message, Outcome, ReceiveOptions,
@@ -211,6 +215,17 @@ impl Client {
             )
             .await?;
         field(v, "results")
+    }
+
+    /// Opens `GET /v1/topics/{topic}/messages:stream` (a WebSocket) for pipelined
+    /// publishing: see [`PublishStream`]. An unknown topic is refused before the upgrade.
+    pub async fn publish_stream(&self, topic: &str) -> Result<PublishStream, Error> {
+        let mut url = self.url(&["v1", "topics", topic, "messages:stream"])?;
+        url.set_scheme("ws").map_err(|()| Error::InvalidUrl {
+            url: self.base_url().to_owned(),
+            reason: "cannot take the ws scheme".to_owned(),
+        })?;
+        PublishStream::connect(url.to_string()).await
     }
 
     /// `GET /v1/topics/{topic}/messages/{partition}/{offset}`.

@@ -15,6 +15,7 @@
 mod metrics;
 mod openapi;
 mod problem;
+mod stream;
 mod subscriptions;
 mod transactions;
 
@@ -151,6 +152,10 @@ pub fn router(slot: impl Into<BrokerSlot>, config: HttpConfig) -> Router {
             get(find_message).post(publish_one),
         )
         .route("/v1/topics/{topic}/messages:batch", post(publish_batch))
+        .route(
+            "/v1/topics/{topic}/messages:stream",
+            get(stream::publish_stream),
+        )
         .route(
             "/v1/topics/{topic}/messages/{partition}/{offset}",
             get(read_message),

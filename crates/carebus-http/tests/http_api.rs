@@ -753,6 +753,23 @@ async fn the_api_answers_503_until_the_broker_is_open() {
 }
 
 #[tokio::test]
+async fn the_publish_stream_refuses_plain_requests_and_unknown_topics_with_problems() {
+    let api = api();
+    let app = &api.app;
+    put_json(app, "/v1/topics/t", "{}").await;
+    // Without the WebSocket handshake: a problem document, not axum's plain text.
+    get(app, "/v1/topics/t/messages:stream")
+        .await
+        .problem(400, "websocket_upgrade_required");
+    get(app, "/v1/topics/nope/messages:stream")
+        .await
+        .problem(404, "unknown_topic");
+    get(app, "/v1/topics/bad%20name/messages:stream")
+        .await
+        .problem(400, "invalid_name");
+}
+
+#[tokio::test]
 async fn the_openapi_document_lists_every_served_path() {
     let api = api();
     let app = &api.app;
@@ -785,6 +802,7 @@ async fn the_openapi_document_lists_every_served_path() {
             "/v1/topics/{topic}/messages/{partition}/{offset}",
             "/v1/topics/{topic}/messages/{partition}/{offset}/trace",
             "/v1/topics/{topic}/messages:batch",
+            "/v1/topics/{topic}/messages:stream",
             "/v1/topics/{topic}/subscriptions",
             "/v1/topics/{topic}/subscriptions/{subscription}",
             "/v1/topics/{topic}/subscriptions/{subscription}/ack",
@@ -843,5 +861,5 @@ async fn the_openapi_document_lists_every_served_path() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 26, "every operation but DELETE");
+    assert_eq!(operations, 27, "every operation but DELETE");
 }

@@ -18,7 +18,9 @@
 //!   same timeout without progress.
 //!
 //! A long poll is not affected: once the head has arrived, nothing is timed until the
-//! server writes the answer.
+//! server writes the answer. A connection switched to another protocol (`101 Switching
+//! Protocols`: the publish WebSocket) has no further heads; from then on only stalled
+//! writes are timed here, and the WebSocket handler closes idle sockets itself.
 
 use std::io;
 use std::net::SocketAddr;
@@ -191,6 +193,8 @@ pub(crate) struct GuardedStream {
     timeout: Duration,
     /// Waiting for a request head since `head_since`.
     awaiting_head: bool,
+    /// Switched to another protocol: no more request heads.
+    upgraded: bool,
     head_since: Instant,
     /// The timer of `head_since` + timeout, once polled.
     head_deadline: Option<Pin<Box<Sleep>>>,
@@ -207,6 +211,7 @@ impl GuardedStream {
             _permit: permit,
             timeout,
             awaiting_head: true,
+            upgraded: false,
             head_since: Instant::now(),
             head_deadline: None,
             scan: HeadScan::default(),
@@ -220,8 +225,15 @@ impl GuardedStream {
     /// client sends something, and the timer must wake it.
     fn wrote(&mut self, cx: &mut Context<'_>, first: &[u8]) {
         self.write_deadline = None;
-        if !self.awaiting_head && first.starts_with(b"HTTP/1.1 100 ") {
+        if self.upgraded || (!self.awaiting_head && first.starts_with(b"HTTP/1.1 100 ")) {
             // `100 Continue`: the body follows, not a new head.
+            return;
+        }
+        if !self.awaiting_head && first.starts_with(b"HTTP/1.1 101 ") {
+            // The server switched protocols: what follows are WebSocket frames.
+            self.upgraded = true;
+            self.awaiting_head = false;
+            self.head_deadline = None;
             return;
         }
         self.awaiting_head = true;
@@ -431,6 +443,47 @@ mod tests {
             .unwrap();
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn after_switching_protocols_frames_are_not_taken_for_late_heads() {
+        use axum::serve::Listener as _;
+        let limits = HttpLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+        };
+        let (mut listener, addr) = pair(limits).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = listener.accept().await;
+        c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        io.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        // Frames trickle in for longer than the head timeout, and the server answers
+        // between them: the connection stays open.
+        let sender = tokio::spawn(async move {
+            for _ in 0..8 {
+                c.write_all(b"\x81\x02hi").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            c
+        });
+        let mut got = 0;
+        while got < 32 {
+            got += io.read(&mut buf).await.unwrap();
+            io.write_all(b"\x81\x02ok").await.unwrap();
+        }
+        let _c = sender.await.unwrap();
+        // Quiet for longer than the head timeout: still not cut off by the listener.
+        let waited = tokio::time::timeout(Duration::from_millis(700), io.read(&mut buf)).await;
+        assert!(
+            waited.is_err(),
+            "no head deadline on an upgraded connection"
+        );
     }
 
     #[tokio::test]

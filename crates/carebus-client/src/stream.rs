@@ -1,0 +1,217 @@
+//! [`PublishStream`]: pipelined publishing over the `messages:stream` WebSocket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message as Frame;
+
+use crate::error::Error;
+use crate::types::{BatchMessage, Message, Outcome};
+
+/// Frames queued for the socket's writer before `publish` waits.
+const QUEUED_FRAMES: usize = 1024;
+
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Outcome, Error>>>>>;
+
+/// One WebSocket to `GET /v1/topics/{topic}/messages:stream`, shared by any number of
+/// concurrent [`publish`](PublishStream::publish) calls: each sends its message as one
+/// frame and waits for its own answer, so many messages are in flight on one connection
+/// without an HTTP request each. Same guarantees as [`Client::publish`](crate::Client::publish):
+/// an `Ok` outcome means stored durably (or a duplicate of a stored copy). If the socket
+/// fails, every call waiting on it fails with [`Error::Transport`] (whether those
+/// messages were stored is unknown: resend them with the same idempotency keys, on a new
+/// stream, to find out). Cheap to clone; the socket closes when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct PublishStream {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    url: String,
+    frames: mpsc::Sender<Frame>,
+    waiting: Waiting,
+    next_id: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct Request<'a> {
+    id: u64,
+    message: BatchMessage<'a>,
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    id: Option<u64>,
+    result: Option<Outcome>,
+    error: Option<ReplyError>,
+}
+
+#[derive(Deserialize)]
+struct ReplyError {
+    status: u16,
+    code: String,
+    detail: String,
+}
+
+impl PublishStream {
+    /// Opens the stream (`url` is the `ws://…/messages:stream` address).
+    pub(crate) async fn connect(url: String) -> Result<PublishStream, Error> {
+        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => {
+                    let body = response.body().as_deref().unwrap_or_default();
+                    crate::problem(response.status(), body)
+                }
+                other => Error::Connect {
+                    url: url.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+        let (mut sink, mut source) = socket.split();
+        let (frames, mut queued) = mpsc::channel::<Frame>(QUEUED_FRAMES);
+        let waiting: Waiting = Arc::default();
+        // Writer: sends what is queued, one flush for everything queued at once.
+        let writer_url = url.clone();
+        let writer_waiting = Arc::clone(&waiting);
+        tokio::spawn(async move {
+            while let Some(first) = queued.recv().await {
+                let mut ok = sink.feed(first).await.is_ok();
+                while ok && let Ok(next) = queued.try_recv() {
+                    ok = sink.feed(next).await.is_ok();
+                }
+                if !ok || sink.flush().await.is_err() {
+                    fail_all(
+                        &writer_waiting,
+                        &writer_url,
+                        "the stream could not be written",
+                    );
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        // Reader: hands each answer to the call waiting for it.
+        let reader_url = url.clone();
+        let reader_waiting = Arc::clone(&waiting);
+        tokio::spawn(async move {
+            let why = loop {
+                match source.next().await {
+                    None => break "the server closed the stream",
+                    Some(Err(_)) => break "the stream failed",
+                    Some(Ok(Frame::Text(text))) => {
+                        let Ok(reply) = serde_json::from_str::<Reply>(text.as_str()) else {
+                            break "the server sent an unreadable answer";
+                        };
+                        let Some(id) = reply.id else {
+                            // An answer to a frame the server could not read at all:
+                            // this client only sends well-formed frames.
+                            tracing::warn!(url = %reader_url, "publish stream: answer without id");
+                            continue;
+                        };
+                        let answer = match (reply.result, reply.error) {
+                            (Some(outcome), _) => Ok(outcome),
+                            (None, Some(e)) => Err(Error::Api {
+                                status: e.status,
+                                code: e.code,
+                                detail: e.detail,
+                                refused: Vec::new(),
+                            }),
+                            (None, None) => Err(Error::Decode {
+                                status: 101,
+                                reason: "an answer with neither result nor error".into(),
+                            }),
+                        };
+                        let waiter = reader_waiting
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(answer);
+                        }
+                    }
+                    Some(Ok(Frame::Close(_))) => break "the server closed the stream",
+                    Some(Ok(_)) => {}
+                }
+            };
+            fail_all(&reader_waiting, &reader_url, why);
+        });
+        Ok(PublishStream {
+            inner: Arc::new(Inner {
+                url,
+                frames,
+                waiting,
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Publishes one message and waits for its outcome (other calls go on meanwhile).
+    pub async fn publish(&self, message: &Message) -> Result<Outcome, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let text = serde_json::to_string(&Request {
+            id,
+            message: message.into(),
+        })
+        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        // Forgotten again if this call is dropped before its answer.
+        let _forget = Forget {
+            waiting: &self.inner.waiting,
+            id,
+        };
+        if self.inner.frames.send(Frame::text(text)).await.is_err() {
+            return Err(self.transport("the stream is closed"));
+        }
+        match rx.await {
+            Ok(answer) => answer,
+            Err(_) => Err(self.transport("the stream closed before the answer")),
+        }
+    }
+
+    fn transport(&self, reason: &str) -> Error {
+        Error::Transport {
+            url: self.inner.url.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+fn fail_all(waiting: &Waiting, url: &str, why: &str) {
+    let waiters: Vec<_> = waiting
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+        .map(|(_, w)| w)
+        .collect();
+    for w in waiters {
+        let _ = w.send(Err(Error::Transport {
+            url: url.to_owned(),
+            reason: why.to_owned(),
+        }));
+    }
+}

@@ -1,0 +1,224 @@
+//! `GET /v1/topics/{topic}/messages:stream`: pipelined publishing over a WebSocket.
+//!
+//! One HTTP request per message costs the server more CPU than the publish itself; a
+//! producer that keeps hundreds of messages in flight can instead open this WebSocket
+//! and send one text frame per message without waiting for the answers:
+//!
+//! ```text
+//! → {"id": 7, "message": {"body": "MSH|…", "idempotency_key": "LAB|1", …}}
+//! ← {"id": 7, "result": {"partition": 0, "offset": 12, "duplicate": false,
+//!                        "conflict": false, "durability": "fsynced"}}
+//! ← {"id": 8, "error": {"status": 400, "code": "invalid_message", "detail": "…"}}
+//! ```
+//!
+//! `message` is exactly an element of `messages:batch` (`body` or `body_base64`,
+//! `content_type`, `idempotency_key`, `partition_key`, `headers`); `id` is the client's
+//! (an unsigned integer) and comes back with the answer. Each message is published on
+//! its own, with the same exactly-once guarantees as `POST …/messages`: a result is sent
+//! only once the message is durable (or found to be a duplicate). Answers come back in
+//! the order the publishes complete, which is not necessarily the order sent (messages
+//! of one partition key are still stored in the order they were sent on this socket only
+//! if the producer waits for each answer; pipelined sends race like concurrent requests).
+//! A frame that is not such an object is answered with an error whose `id` is `null`
+//! when none could be read; the socket stays open. At most [`MAX_IN_FLIGHT`] publishes
+//! per socket run at once (reading pauses beyond that); a socket with no frame from the
+//! client for [`IDLE_TIMEOUT`] is closed (clients keep it alive with pings).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::problem::ApiError;
+use crate::{AppState, BatchMessage, OutcomeView, TopicPath, message_from_json, topic_name};
+
+/// Publishes one socket may have running at once.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// A socket without any frame from the client for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamFrame {
+    id: u64,
+    message: BatchMessage,
+}
+
+#[derive(Debug, Serialize)]
+struct StreamError<'a> {
+    status: u16,
+    code: &'a str,
+    detail: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum StreamReply<'a> {
+    Result {
+        id: u64,
+        result: OutcomeView,
+    },
+    Error {
+        id: Option<u64>,
+        error: StreamError<'a>,
+    },
+}
+
+fn error_reply(id: Option<u64>, e: &ApiError) -> Message {
+    reply(&StreamReply::Error {
+        id,
+        error: StreamError {
+            status: e.status.as_u16(),
+            code: e.code,
+            detail: &e.detail,
+        },
+    })
+}
+
+fn reply(r: &StreamReply<'_>) -> Message {
+    // Serialising these plain structs cannot fail; an empty frame would be the only
+    // outcome if it ever did.
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(r).unwrap_or_default(),
+    ))
+}
+
+/// The upgrade handler: checks the topic and the broker before switching protocols, so
+/// an unknown topic is a plain 404 problem document.
+pub(crate) async fn publish_stream(
+    State(state): State<AppState>,
+    path: TopicPath,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let name = topic_name(path)?;
+    let broker = state.broker()?;
+    broker.topic(&name)?;
+    // A plain request (no `Upgrade: websocket`, or a bad handshake) gets a problem
+    // document like every other error of the API.
+    let upgrade = upgrade.map_err(|r| {
+        ApiError::new(
+            r.status(),
+            "websocket_upgrade_required",
+            format!(
+                "this endpoint is a WebSocket (RFC 6455 handshake, version 13): {}",
+                r.body_text()
+            ),
+        )
+    })?;
+    let max_frame = state.config.max_body_bytes;
+    Ok(upgrade
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| run(socket, broker, name)))
+}
+
+async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String) {
+    use futures_util::{SinkExt, StreamExt};
+
+    let (mut sink, mut frames) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut published = 0u64;
+    tracing::debug!(topic, "publish stream opened");
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
+            Err(_) => {
+                let _ = tx
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: Utf8Bytes::from_static("idle"),
+                    })))
+                    .await;
+                break;
+            }
+            Ok(None | Some(Err(_))) => break,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let text = match frame {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                let e = ApiError::bad_request(
+                    "invalid_frame",
+                    "send each message as a text frame holding a JSON object",
+                );
+                if tx.send(error_reply(None, &e)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Message::Close(_) => break,
+            // Pings are answered by the WebSocket layer; they only keep the socket alive.
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        let parsed = match parse_frame(text.as_str()) {
+            Ok(f) => f,
+            Err((id, e)) => {
+                if tx.send(error_reply(id, &e)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let (broker, topic, tx) = (Arc::clone(&broker), topic.clone(), tx.clone());
+        published += 1;
+        tokio::spawn(async move {
+            let id = parsed.id;
+            let answer = match message_from_json(0, parsed.message) {
+                Err(e) => error_reply(Some(id), &e),
+                Ok(m) => match broker.publish(&topic, vec![m]).await {
+                    Ok(outcomes) => match outcomes.first() {
+                        Some(o) => reply(&StreamReply::Result {
+                            id,
+                            result: OutcomeView::from(o),
+                        }),
+                        None => error_reply(Some(id), &ApiError::internal("no publish outcome")),
+                    },
+                    Err(e) => error_reply(Some(id), &ApiError::from(e)),
+                },
+            };
+            // The client may be gone; the message is stored all the same.
+            let _ = tx.send(answer).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    // Publishes still running answer into the channel; the writer ends when they are done.
+    let _ = writer.await;
+    tracing::debug!(topic, published, "publish stream closed");
+}
+
+/// Reads a frame as the API reads JSON bodies (an object, then its fields); on failure
+/// also the frame's `id` when it has a readable one, to answer with.
+fn parse_frame(text: &str) -> Result<StreamFrame, (Option<u64>, ApiError)> {
+    // serde_json's messages name fields, types and positions (as for request bodies).
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| (None, ApiError::bad_request("malformed_json", e.to_string())))?;
+    let id = value.get("id").and_then(serde_json::Value::as_u64);
+    if !value.is_object() {
+        return Err((
+            id,
+            ApiError::bad_request(
+                "invalid_json",
+                "a frame must be a JSON object: {\"id\": <unsigned integer>, \"message\": {…}}",
+            ),
+        ));
+    }
+    StreamFrame::deserialize(value)
+        .map_err(|e| (id, ApiError::bad_request("invalid_json", e.to_string())))
+}
