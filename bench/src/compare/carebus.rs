@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -281,24 +281,39 @@ pub async fn batch_publish(
 /// [`CarebusDriver`]. Used for the W1 rows "over messages:stream".
 pub struct StreamDriver {
     inner: CarebusDriver,
-    streams: tokio::sync::Mutex<std::collections::HashMap<String, PublishStream>>,
+    /// Looked up by every publish (a plain lock held for a map lookup).
+    streams: std::sync::RwLock<std::collections::HashMap<String, PublishStream>>,
+    /// Held while a socket is opened, so concurrent first publishes open one.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl StreamDriver {
     pub fn new(inner: CarebusDriver) -> Self {
         StreamDriver {
             inner,
-            streams: tokio::sync::Mutex::default(),
+            streams: std::sync::RwLock::default(),
+            opening: tokio::sync::Mutex::default(),
         }
     }
 
+    fn open_stream(&self, topic: &str) -> Option<PublishStream> {
+        let streams = self.streams.read().unwrap_or_else(PoisonError::into_inner);
+        streams.get(topic).cloned()
+    }
+
     async fn stream(&self, topic: &str) -> anyhow::Result<PublishStream> {
-        let mut streams = self.streams.lock().await;
-        if let Some(s) = streams.get(topic) {
-            return Ok(s.clone());
+        if let Some(s) = self.open_stream(topic) {
+            return Ok(s);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(s) = self.open_stream(topic) {
+            return Ok(s);
         }
         let s = self.inner.client.publish_stream(topic).await?;
-        streams.insert(topic.to_owned(), s.clone());
+        self.streams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.to_owned(), s.clone());
         Ok(s)
     }
 }

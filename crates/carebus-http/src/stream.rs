@@ -122,9 +122,15 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
 
     let (mut sink, mut frames) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(MAX_IN_FLIGHT);
+    // The writer sends every answer queued at the moment with one flush (one write
+    // for a burst of answers from one group commit).
     let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            if sink.send(m).await.is_err() {
+        while let Some(first) = rx.recv().await {
+            let mut ok = sink.feed(first).await.is_ok();
+            while ok && let Ok(next) = rx.try_recv() {
+                ok = sink.feed(next).await.is_ok();
+            }
+            if !ok || sink.flush().await.is_err() {
                 break;
             }
         }
@@ -206,6 +212,14 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
 /// Reads a frame as the API reads JSON bodies (an object, then its fields); on failure
 /// also the frame's `id` when it has a readable one, to answer with.
 fn parse_frame(text: &str) -> Result<StreamFrame, (Option<u64>, ApiError)> {
+    // The common case, a well-formed frame, is read in one pass; only a bad frame is
+    // read again as a generic value, for its id and the same errors as request bodies.
+    // (A JSON array of the fields would also deserialize into the struct: refused.)
+    if text.trim_start().starts_with('{')
+        && let Ok(frame) = serde_json::from_str::<StreamFrame>(text)
+    {
+        return Ok(frame);
+    }
     // serde_json's messages name fields, types and positions (as for request bodies).
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| (None, ApiError::bad_request("malformed_json", e.to_string())))?;
