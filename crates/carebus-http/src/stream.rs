@@ -22,7 +22,8 @@
 //! A frame that is not such an object is answered with an error whose `id` is `null`
 //! when none could be read; the socket stays open. At most [`MAX_IN_FLIGHT`] publishes
 //! per socket run at once (reading pauses beyond that); a socket with no frame from the
-//! client for [`IDLE_TIMEOUT`] is closed (clients keep it alive with pings).
+//! client for [`IDLE_TIMEOUT`] is closed (clients keep it alive with pings). Frames held
+//! by running publishes are also bounded in bytes per socket ([`MAX_IN_FLIGHT_KIB`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,8 @@ use crate::{AppState, BatchMessage, OutcomeView, TopicPath, message_from_json, t
 
 /// Publishes one socket may have running at once.
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// Bytes of frames one socket may have in running publishes (KiB; 64 MiB).
+pub const MAX_IN_FLIGHT_KIB: u32 = 64 * 1024;
 /// A socket without any frame from the client for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -137,6 +140,7 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
         let _ = sink.close().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_KIB as usize));
     let mut published = 0u64;
     tracing::debug!(topic, "publish stream opened");
     loop {
@@ -169,6 +173,9 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
             // Pings are answered by the WebSocket layer; they only keep the socket alive.
             Message::Ping(_) | Message::Pong(_) => continue,
         };
+        let kib = u32::try_from(text.len() / 1024 + 1)
+            .unwrap_or(u32::MAX)
+            .min(MAX_IN_FLIGHT_KIB);
         let parsed = match parse_frame(text.as_str()) {
             Ok(f) => f,
             Err((id, e)) => {
@@ -178,7 +185,13 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+        drop(text);
+        // Reading pauses while the socket's running publishes hold too many messages or
+        // bytes (the permits go back as each publish is answered).
+        let (Ok(permit), Ok(bytes)) = (
+            Arc::clone(&slots).acquire_owned().await,
+            Arc::clone(&budget).acquire_many_owned(kib).await,
+        ) else {
             break;
         };
         let (broker, topic, tx) = (Arc::clone(&broker), topic.clone(), tx.clone());
@@ -200,7 +213,7 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
             };
             // The client may be gone; the message is stored all the same.
             let _ = tx.send(answer).await;
-            drop(permit);
+            drop((permit, bytes));
         });
     }
     drop(tx);

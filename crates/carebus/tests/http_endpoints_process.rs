@@ -642,6 +642,12 @@ fn topics_and_messages(api: &mut Api) -> u64 {
         &json!({"messages": []}),
     )
     .problem(400, "empty_batch");
+    // The publish stream is a WebSocket (driven in ws_publish_process.rs); without the
+    // handshake, or for an unknown topic, it answers with problem documents.
+    api.get("/v1/topics/lab.orders/messages:stream")
+        .problem(400, "websocket_upgrade_required");
+    api.get("/v1/topics/nope/messages:stream")
+        .problem(404, "unknown_topic");
 
     let t = api.topic("lab.orders");
     let stored: u64 = t["end_offsets"]
