@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 pub use openapi::openapi;
 pub use problem::{ApiError, PROBLEM_JSON};
+pub use stream::decode_stream_frame;
 
 /// Default largest request body: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;

@@ -32,6 +32,7 @@ use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
+use carebus_core::PublishMessage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -220,6 +221,17 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
     // Publishes still running answer into the channel; the writer ends when they are done.
     let _ = writer.await;
     tracing::debug!(topic, published, "publish stream closed");
+}
+
+/// Decodes one text frame of the publish stream into its id and the message to publish,
+/// exactly as the stream does (for fuzzing and for tools that speak the protocol). On
+/// failure: the frame's id when it had a readable one, and the problem it is answered with.
+pub fn decode_stream_frame(text: &str) -> Result<(u64, PublishMessage), (Option<u64>, ApiError)> {
+    let frame = parse_frame(text)?;
+    let id = frame.id;
+    message_from_json(0, frame.message)
+        .map(|m| (id, m))
+        .map_err(|e| (Some(id), e))
 }
 
 /// Reads a frame as the API reads JSON bodies (an object, then its fields); on failure
