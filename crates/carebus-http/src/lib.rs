@@ -454,8 +454,9 @@ pub(crate) fn parse_json<T: DeserializeOwned>(
             "this endpoint takes a JSON body: send Content-Type: application/json",
         ));
     }
-    // serde_json's messages name fields, types and positions; they do not quote
-    // string values, so no body content is echoed.
+    // serde_json's messages name fields, types and positions; a type mismatch also
+    // quotes the offending string value (`invalid type: string "…"`), which goes back
+    // only to its sender, in the problem detail (problem details are not logged).
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
     // serde would also read a struct from an array of its fields: only objects are taken.
