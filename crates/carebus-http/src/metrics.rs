@@ -253,54 +253,51 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
     w.sample("carebus_ready", &[], u8::from(broker.is_some()));
     let topics = broker.map(snapshot).unwrap_or_default();
 
-    type TopicFigure = fn(&TopicSnap) -> u64;
-    let per_topic: [(&str, &str, TopicFigure); 3] = [
+    // Per topic; a figure that could not be read (a poisoned dedup lock) is left out.
+    type TopicFigure = fn(&TopicSnap) -> Option<u64>;
+    let per_topic: [(&str, &str, &str, TopicFigure); 6] = [
         (
             "carebus_topic_published_total",
+            "counter",
             "Messages stored in the topic since the broker started.",
-            |t| t.published,
+            |t| Some(t.published),
         ),
         (
             "carebus_topic_duplicates_total",
+            "counter",
             "Publishes answered as duplicates of a stored idempotency key since the broker started.",
-            |t| t.duplicates,
+            |t| Some(t.duplicates),
         ),
         (
             "carebus_topic_conflicts_total",
+            "counter",
             "Duplicates whose body differed from the first copy since the broker started.",
-            |t| t.conflicts,
+            |t| Some(t.conflicts),
         ),
-    ];
-    for (name, help, f) in per_topic {
-        w.family(name, "counter", help);
-        for t in &topics {
-            w.sample(name, &[("topic", &t.name)], f(t));
-        }
-    }
-
-    type DedupFigure = fn(&carebus_core::DedupStats) -> u64;
-    let dedup: [(&str, &str, DedupFigure); 3] = [
         (
             "carebus_dedup_keys",
+            "gauge",
             "Idempotency keys the topic's deduplication index remembers (memory and disk).",
-            |d| d.keys,
+            |t| t.dedup.map(|d| d.keys),
         ),
         (
             "carebus_dedup_memory_bytes",
+            "gauge",
             "Bytes of memory held by the topic's deduplication index.",
-            |d| d.memory_bytes,
+            |t| t.dedup.map(|d| d.memory_bytes),
         ),
         (
             "carebus_dedup_disk_runs",
+            "gauge",
             "Runs of the topic's deduplication index spilled to disk.",
-            |d| d.disk_runs,
+            |t| t.dedup.map(|d| d.disk_runs),
         ),
     ];
-    for (name, help, f) in dedup {
-        w.family(name, "gauge", help);
+    for (name, kind, help, f) in per_topic {
+        w.family(name, kind, help);
         for t in &topics {
-            if let Some(d) = &t.dedup {
-                w.sample(name, &[("topic", &t.name)], f(d));
+            if let Some(v) = f(t) {
+                w.sample(name, &[("topic", &t.name)], v);
             }
         }
     }

@@ -395,6 +395,20 @@ mod tests {
         (GuardedListener::new(l, limits), addr)
     }
 
+    /// A client socket and the server side of it, accepted by a listener with a 300 ms
+    /// head timeout.
+    async fn one_connection() -> (TcpStream, GuardedStream) {
+        use axum::serve::Listener as _;
+        let limits = HttpLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+        };
+        let (mut listener, addr) = pair(limits).await;
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (io, _) = listener.accept().await;
+        (c, io)
+    }
+
     #[tokio::test]
     async fn a_trickled_head_is_cut_off_and_a_long_wait_after_a_head_is_not() {
         use axum::serve::Listener as _;
@@ -447,14 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_switching_protocols_frames_are_not_taken_for_late_heads() {
-        use axum::serve::Listener as _;
-        let limits = HttpLimits {
-            max_connections: 4,
-            header_timeout: Duration::from_millis(300),
-        };
-        let (mut listener, addr) = pair(limits).await;
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        let (mut io, _) = listener.accept().await;
+        let (mut c, mut io) = one_connection().await;
         c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
             .await
             .unwrap();
@@ -488,14 +495,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_after_100_continue_is_not_taken_for_a_late_head() {
-        use axum::serve::Listener as _;
-        let limits = HttpLimits {
-            max_connections: 4,
-            header_timeout: Duration::from_millis(300),
-        };
-        let (mut listener, addr) = pair(limits).await;
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        let (mut io, _) = listener.accept().await;
+        let (mut c, mut io) = one_connection().await;
         c.write_all(
             b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n",
         )
