@@ -806,6 +806,98 @@ impl Broker {
         Ok(outcomes)
     }
 
+    /// Publishes messages each on its own terms, not as one atomic batch: each gets its
+    /// own outcome or failure, exactly as if each had been published alone. The messages
+    /// going to one partition are stored as one group (one append, one group commit) and
+    /// keep their order; groups of different partitions run concurrently. A group refused
+    /// before anything was stored because of one of its messages (too large, invalid) is
+    /// published again one message at a time, so only that message fails; any other
+    /// failure of a group (storage, index) is the answer of each of its messages.
+    /// Fails as a whole only when the topic does not exist or `messages` is empty.
+    pub async fn publish_each(
+        &self,
+        topic: &str,
+        messages: Vec<PublishMessage>,
+    ) -> Result<Vec<Result<PublishOutcome, Arc<BrokerError>>>, BrokerError> {
+        let rt = self.topic(topic)?;
+        if messages.is_empty() {
+            return Err(BrokerError::EmptyBatch);
+        }
+        let partitions = rt.topic().config.partitions.max(1);
+        // Unkeyed messages form one group of their own (`publish` picks its partition).
+        let mut groups: BTreeMap<Option<u32>, (Vec<usize>, Vec<PublishMessage>)> = BTreeMap::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            let target = m
+                .partition_key
+                .as_deref()
+                .map(|k| partition_for_key(k, partitions));
+            let group = groups.entry(target).or_default();
+            group.0.push(i);
+            group.1.push(m);
+        }
+        let count = groups.values().map(|(idx, _)| idx.len()).sum();
+        let results = futures_util::future::join_all(
+            groups
+                .into_values()
+                .map(|(idx, group)| async move { (idx, self.publish_group(topic, group).await) }),
+        )
+        .await;
+        let mut out: Vec<Option<Result<PublishOutcome, Arc<BrokerError>>>> = vec![None; count];
+        for (idx, answers) in results {
+            for (i, answer) in idx.into_iter().zip(answers) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(answer);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Arc::new(BrokerError::Internal))))
+            .collect())
+    }
+
+    /// One partition's group of [`publish_each`](Broker::publish_each): one atomic
+    /// publish, or one publish per message when the group was refused for one of them.
+    async fn publish_group(
+        &self,
+        topic: &str,
+        group: Vec<PublishMessage>,
+    ) -> Vec<Result<PublishOutcome, Arc<BrokerError>>> {
+        let n = group.len();
+        let singles = if n > 1 { Some(group.clone()) } else { None };
+        let err = match self.publish(topic, group).await {
+            Ok(outcomes) if outcomes.len() == n => return outcomes.into_iter().map(Ok).collect(),
+            Ok(_) => BrokerError::Internal,
+            Err(e) => e,
+        };
+        let refused_for_one = matches!(
+            err,
+            BrokerError::Log(
+                LogError::RecordTooLarge { .. }
+                    | LogError::BatchTooLarge { .. }
+                    | LogError::InvalidRecord(_)
+            )
+        );
+        match singles {
+            // Nothing of the group was stored: each message on its own.
+            Some(singles) if refused_for_one => {
+                let mut out = Vec::with_capacity(n);
+                for m in singles {
+                    out.push(match self.publish(topic, vec![m]).await {
+                        Ok(mut o) if o.len() == 1 => o.pop().ok_or(Arc::new(BrokerError::Internal)),
+                        Ok(_) => Err(Arc::new(BrokerError::Internal)),
+                        Err(e) => Err(Arc::new(e)),
+                    });
+                }
+                out
+            }
+            _ => {
+                let err = Arc::new(err);
+                (0..n).map(|_| Err(Arc::clone(&err))).collect()
+            }
+        }
+    }
+
     /// Reads stored messages of a partition from `offset` on.
     pub fn read(
         &self,

@@ -233,6 +233,98 @@ async fn batches_are_all_or_nothing() {
 }
 
 #[tokio::test]
+async fn publish_each_answers_every_message_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker
+        .put_topic(
+            "t",
+            TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let stored_before = broker
+        .publish("t", vec![msg("earlier", Some("k-earlier"), Some("P0"))])
+        .await
+        .unwrap();
+    // Three partition keys interleaved, unkeyed messages, a resend of a stored key, a
+    // key repeated inside the call, and one message too large for the log.
+    let mut messages = Vec::new();
+    for i in 0..12 {
+        let pk = format!("P{}", i % 3);
+        messages.push(msg(&format!("m{i}"), Some(&format!("k{i}")), Some(&pk)));
+    }
+    messages.push(msg("u0", Some("k-u0"), None));
+    messages.push(msg("u1", None, None));
+    messages.push(msg("earlier", Some("k-earlier"), Some("P0")));
+    messages.push(msg("m4 again", Some("k4"), Some("P1")));
+    messages.push(PublishMessage::new(vec![0u8; 17 << 20]).with_partition_key("P2"));
+    let n = messages.len();
+    let answers = broker.publish_each("t", messages).await.unwrap();
+    assert_eq!(answers.len(), n);
+
+    // The too-large message fails alone; its partition's group is still stored.
+    let err = answers[n - 1].as_ref().unwrap_err();
+    assert_eq!(err.code(), "message_too_large");
+    let ok: Vec<_> = answers[..n - 1]
+        .iter()
+        .map(|a| *a.as_ref().unwrap())
+        .collect();
+    // The resend and the repeat point at their first copies.
+    let resend = ok[14];
+    assert!(resend.duplicate && !resend.conflict);
+    assert_eq!(
+        (resend.partition, resend.offset),
+        (stored_before[0].partition, stored_before[0].offset)
+    );
+    let repeat = ok[15];
+    assert!(repeat.duplicate && repeat.conflict);
+    assert_eq!(
+        (repeat.partition, repeat.offset),
+        (ok[4].partition, ok[4].offset)
+    );
+    assert!(ok[..14].iter().all(|o| !o.duplicate));
+
+    // Every stored message is where its answer says, and each partition key's messages
+    // are in the order given.
+    for (i, o) in ok[..14].iter().enumerate() {
+        let read = broker.read("t", o.partition, o.offset, 1).unwrap();
+        let body = String::from_utf8(read[0].body.to_vec()).unwrap();
+        let expected = if i < 12 {
+            format!("m{i}")
+        } else {
+            format!("u{}", i - 12)
+        };
+        assert_eq!(body, expected);
+    }
+    for p in 0..3 {
+        let same_key: Vec<_> = (0..12).filter(|i| i % 3 == p).map(|i| ok[i]).collect();
+        assert!(
+            same_key
+                .windows(2)
+                .all(|w| { w[0].partition == w[1].partition && w[0].offset < w[1].offset })
+        );
+    }
+    let total: usize = (0..3)
+        .map(|p| broker.read("t", p, 0, 1000).unwrap().len())
+        .sum();
+    assert_eq!(total, 1 + 14);
+
+    // Only an unknown topic or an empty call fails as a whole.
+    assert_eq!(
+        broker
+            .publish_each("nope", vec![msg("x", None, None)])
+            .await
+            .unwrap_err()
+            .code(),
+        "unknown_topic"
+    );
+    assert!(broker.publish_each("t", Vec::new()).await.is_err());
+}
+
+#[tokio::test]
 async fn concurrent_publishes_of_one_key_store_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let broker = std::sync::Arc::new(open(dir.path()));

@@ -124,7 +124,13 @@ fn storage_full_io(e: &std::io::Error) -> bool {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        let full = match &e {
+        ApiError::from(&e)
+    }
+}
+
+impl From<&BrokerError> for ApiError {
+    fn from(e: &BrokerError) -> Self {
+        let full = match e {
             BrokerError::Log(l) => l.is_storage_full(),
             BrokerError::Store(StoreError::Log { source, .. }) => source.is_storage_full(),
             BrokerError::Store(StoreError::DataDir { source, .. }) => storage_full_io(source),
@@ -167,7 +173,7 @@ impl From<BrokerError> for ApiError {
             }
         };
         // These messages carry names, numbers and sizes only.
-        let detail = match &e {
+        let detail = match e {
             BrokerError::Log(LogError::OffsetOutOfRange { .. }) => {
                 "no message at that offset (not yet written, or removed by retention)".to_owned()
             }

@@ -15,7 +15,10 @@
 //! `content_type`, `idempotency_key`, `partition_key`, `headers`); `id` is the client's
 //! (an unsigned integer) and comes back with the answer. Each message is published on
 //! its own, with the same exactly-once guarantees as `POST …/messages`: a result is sent
-//! only once the message is durable (or found to be a duplicate). Answers come back in
+//! only once the message is durable (or found to be a duplicate). Frames that arrive
+//! together (up to [`MAX_GROUP`] of them) are handed to the core as one group
+//! ([`carebus_core::Broker::publish_each`]): one append per partition, in the order
+//! sent, yet each message succeeds or fails on its own. Answers come back in
 //! the order the publishes complete, which is not necessarily the order sent (messages
 //! of one partition key are still stored in the order they were sent on this socket only
 //! if the producer waits for each answer; pipelined sends race like concurrent requests).
@@ -122,7 +125,7 @@ pub(crate) async fn publish_stream(
 }
 
 async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String) {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::{FutureExt, SinkExt, StreamExt};
 
     let (mut sink, mut frames) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(MAX_IN_FLIGHT);
@@ -144,8 +147,11 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
     let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_KIB as usize));
     let mut published = 0u64;
     tracing::debug!(topic, "publish stream opened");
-    loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
+    'read: loop {
+        // Wait for a frame, then take the frames already received behind it (a producer
+        // with many in flight sends them in bursts): they are published as one group,
+        // one append per partition, each message still answered on its own.
+        let first = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
             Err(_) => {
                 let _ = tx
                     .send(Message::Close(Some(CloseFrame {
@@ -158,69 +164,136 @@ async fn run(socket: WebSocket, broker: Arc<carebus_core::Broker>, topic: String
             Ok(None | Some(Err(_))) => break,
             Ok(Some(Ok(frame))) => frame,
         };
-        let text = match frame {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
-                let e = ApiError::bad_request(
-                    "invalid_frame",
-                    "send each message as a text frame holding a JSON object",
-                );
-                if tx.send(error_reply(None, &e)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            Message::Close(_) => break,
-            // Pings are answered by the WebSocket layer; they only keep the socket alive.
-            Message::Ping(_) | Message::Pong(_) => continue,
-        };
-        let kib = u32::try_from(text.len() / 1024 + 1)
-            .unwrap_or(u32::MAX)
-            .min(MAX_IN_FLIGHT_KIB);
-        let parsed = match parse_frame(text.as_str()) {
-            Ok(f) => f,
-            Err((id, e)) => {
-                if tx.send(error_reply(id, &e)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-        };
-        drop(text);
-        // Reading pauses while the socket's running publishes hold too many messages or
-        // bytes (the permits go back as each publish is answered).
-        let (Ok(permit), Ok(bytes)) = (
-            Arc::clone(&slots).acquire_owned().await,
-            Arc::clone(&budget).acquire_many_owned(kib).await,
-        ) else {
-            break;
-        };
-        let (broker, topic, tx) = (Arc::clone(&broker), topic.clone(), tx.clone());
-        published += 1;
-        tokio::spawn(async move {
-            let id = parsed.id;
-            let answer = match message_from_json(0, parsed.message) {
-                Err(e) => error_reply(Some(id), &e),
-                Ok(m) => match broker.publish(&topic, vec![m]).await {
-                    Ok(outcomes) => match outcomes.first() {
-                        Some(o) => reply(&StreamReply::Result {
-                            id,
-                            result: OutcomeView::from(o),
-                        }),
-                        None => error_reply(Some(id), &ApiError::internal("no publish outcome")),
-                    },
-                    Err(e) => error_reply(Some(id), &ApiError::from(e)),
+        let mut group: Vec<StreamFrame> = Vec::new();
+        let mut kib = 0u32;
+        let mut next = Some(first);
+        let mut closing = false;
+        while let Some(frame) = next.take() {
+            match frame {
+                Message::Text(text) => match parse_frame(text.as_str()) {
+                    Ok(f) => {
+                        kib = kib.saturating_add(frame_kib(text.len()));
+                        group.push(f);
+                    }
+                    Err((id, e)) => {
+                        if tx.send(error_reply(id, &e)).await.is_err() {
+                            break 'read;
+                        }
+                    }
                 },
+                Message::Binary(_) => {
+                    let e = ApiError::bad_request(
+                        "invalid_frame",
+                        "send each message as a text frame holding a JSON object",
+                    );
+                    if tx.send(error_reply(None, &e)).await.is_err() {
+                        break 'read;
+                    }
+                }
+                Message::Close(_) => {
+                    closing = true;
+                    break;
+                }
+                // Pings are answered by the WebSocket layer; they only keep the socket alive.
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+            if group.len() >= MAX_GROUP || kib >= MAX_GROUP_KIB {
+                break;
+            }
+            next = match frames.next().now_or_never() {
+                Some(Some(Ok(frame))) => Some(frame),
+                Some(None | Some(Err(_))) => {
+                    closing = true;
+                    None
+                }
+                None => None,
             };
-            // The client may be gone; the message is stored all the same.
-            let _ = tx.send(answer).await;
-            drop((permit, bytes));
-        });
+        }
+        if !group.is_empty() {
+            // Reading pauses while the socket's running publishes hold too many messages
+            // or bytes (the permits go back as each group is answered).
+            let count = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            let (Ok(permits), Ok(bytes)) = (
+                Arc::clone(&slots).acquire_many_owned(count).await,
+                Arc::clone(&budget)
+                    .acquire_many_owned(kib.min(MAX_IN_FLIGHT_KIB))
+                    .await,
+            ) else {
+                break;
+            };
+            published += group.len() as u64;
+            let (broker, topic, tx) = (Arc::clone(&broker), topic.clone(), tx.clone());
+            tokio::spawn(async move {
+                publish_group(&broker, &topic, group, &tx).await;
+                drop((permits, bytes));
+            });
+        }
+        if closing {
+            break;
+        }
     }
     drop(tx);
     // Publishes still running answer into the channel; the writer ends when they are done.
     let _ = writer.await;
     tracing::debug!(topic, published, "publish stream closed");
+}
+
+/// Frames published together at most (and their size in KiB): what is read from the
+/// socket at once, up to these bounds, is one group.
+const MAX_GROUP: usize = 256;
+const MAX_GROUP_KIB: u32 = 4 * 1024;
+
+fn frame_kib(len: usize) -> u32 {
+    u32::try_from(len / 1024 + 1)
+        .unwrap_or(u32::MAX)
+        .min(MAX_IN_FLIGHT_KIB)
+}
+
+/// Publishes one group of frames (each message on its own terms) and queues one answer
+/// per frame, in the group's order.
+async fn publish_group(
+    broker: &carebus_core::Broker,
+    topic: &str,
+    group: Vec<StreamFrame>,
+    tx: &mpsc::Sender<Message>,
+) {
+    let mut ids = Vec::with_capacity(group.len());
+    let mut messages = Vec::with_capacity(group.len());
+    for frame in group {
+        match message_from_json(0, frame.message) {
+            Ok(m) => {
+                ids.push(frame.id);
+                messages.push(m);
+            }
+            // The client may be gone; what is stored stays stored all the same.
+            Err(e) => {
+                let _ = tx.send(error_reply(Some(frame.id), &e)).await;
+            }
+        }
+    }
+    if messages.is_empty() {
+        return;
+    }
+    let answers = match broker.publish_each(topic, messages).await {
+        Ok(answers) => answers,
+        Err(e) => {
+            let e = ApiError::from(e);
+            for id in ids {
+                let _ = tx.send(error_reply(Some(id), &e)).await;
+            }
+            return;
+        }
+    };
+    for (id, answer) in ids.into_iter().zip(answers) {
+        let frame = match answer {
+            Ok(o) => reply(&StreamReply::Result {
+                id,
+                result: OutcomeView::from(&o),
+            }),
+            Err(e) => error_reply(Some(id), &ApiError::from(&*e)),
+        };
+        let _ = tx.send(frame).await;
+    }
 }
 
 /// Decodes one text frame of the publish stream into its id and the message to publish,
