@@ -254,6 +254,25 @@ fn put_latency(m: &mut Metrics, p: &str, h: &Histogram<u64>) {
     }
 }
 
+fn put_w4(m: &mut Metrics, p: &str, w: &workloads::W4, errors: &mut Vec<String>) {
+    m.insert(format!("{p}.target"), w.target_rate as f64);
+    m.insert(
+        format!("{p}.achieved"),
+        w.sent as f64 / w.send_elapsed.as_secs_f64().max(1e-9),
+    );
+    m.insert(format!("{p}.sent"), w.sent as f64);
+    m.insert(format!("{p}.failed"), w.failed as f64);
+    if let Some(e) = &w.first_error {
+        errors.push(format!(
+            "{p}: {} of {} publishes failed (first: {e})",
+            w.failed, w.sent
+        ));
+    }
+    m.insert(format!("{p}.received"), w.drain.received as f64);
+    put_latency(m, p, &w.drain.latency_us);
+    put_latency(m, &format!("{p}ack"), &w.ack_latency_us);
+}
+
 fn put_throughput(m: &mut Metrics, p: &str, t: &Throughput) {
     m.insert(format!("{p}.rate"), t.rate());
     m.insert(
@@ -404,24 +423,26 @@ async fn suite(
     )
     .await
     {
-        Ok(w) => {
-            m.insert("w4.target".into(), w.target_rate as f64);
-            m.insert(
-                "w4.achieved".into(),
-                w.sent as f64 / w.send_elapsed.as_secs_f64().max(1e-9),
-            );
-            m.insert("w4.sent".into(), w.sent as f64);
-            m.insert("w4.failed".into(), w.failed as f64);
-            if let Some(e) = w.first_error {
-                errors.push(format!(
-                    "W4: {} of {} publishes failed (first: {e})",
-                    w.failed, w.sent
-                ));
-            }
-            m.insert("w4.received".into(), w.drain.received as f64);
-            put_latency(m, "w4", &w.drain.latency_us);
-        }
+        Ok(w) => put_w4(m, "w4", &w, errors),
         Err(e) => errors.push(format!("W4: {e:#}")),
+    }
+    if let Some(cb) = cb {
+        eprintln!(
+            "[{name}] W4 with the producer on the messages:stream WebSocket, {}/s",
+            args.w4_rate
+        );
+        let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
+        match workloads::w4(
+            streaming,
+            "w4stream",
+            args.w4_rate,
+            Duration::from_secs(args.w4_seconds.max(1)),
+        )
+        .await
+        {
+            Ok(w) => put_w4(m, "w4stream", &w, errors),
+            Err(e) => errors.push(format!("W4 over messages:stream: {e:#}")),
+        }
     }
     eprintln!("[{name}] W5 fan-out to 4 subscriptions, 8 competing consumers");
     match workloads::w5(

@@ -266,19 +266,30 @@ pub fn goals(os: &[Outcome], disk: Option<&Disk>) -> Vec<Goal> {
             met: None,
         }),
     }
-    match get(cb, "w4.p99") {
-        Some(p) => g.push(Goal {
-            goal: "W4: carebus p99 publish→receive ≤ 2 ms at 5,000 msg/s",
-            measured: format!("{p:.3} ms"),
-            ratio: format!("{:.2}× of 2 ms", p / 2.0),
-            met: Some(p <= 2.0),
-        }),
-        None => g.push(Goal {
-            goal: "W4: carebus p99 publish→receive ≤ 2 ms at 5,000 msg/s",
-            measured: "not measured".into(),
-            ratio: "–".into(),
-            met: None,
-        }),
+    for (goal, key) in [
+        (
+            "W4: carebus p99 publish→receive ≤ 2 ms at 5,000 msg/s",
+            "w4.p99",
+        ),
+        (
+            "W4 with the producer on messages:stream: carebus p99 publish→receive ≤ 2 ms at 5,000 msg/s",
+            "w4stream.p99",
+        ),
+    ] {
+        g.push(match get(cb, key) {
+            Some(p) => Goal {
+                goal,
+                measured: format!("{p:.3} ms"),
+                ratio: format!("{:.2}× of 2 ms", p / 2.0),
+                met: Some(p <= 2.0),
+            },
+            None => Goal {
+                goal,
+                measured: "not measured".into(),
+                ratio: "–".into(),
+                met: None,
+            },
+        });
     }
     g
 }
@@ -512,28 +523,43 @@ pub fn markdown(i: &Input<'_>) -> String {
         "## W4 end-to-end latency at a fixed rate\n\n\
          {} msg/s for {} s (open loop: {} messages per 1 ms tick, each publish its own \
          task); one consumer receives and acks; latency = time the message was received \
-         (before its ack) − send time stamped in the body (ms).\n\n\
-         | system | durability | achieved msgs/s | received | publishes failed | p50 / p99 / p999 ms |\n|---|---|---:|---:|---:|---|",
+         (before its ack) − send time stamped in the body (ms); the publish side alone = \
+         publish → its acknowledgement.\n\n\
+         | system | durability | achieved msgs/s | received | publishes failed | p50 / p99 / p999 ms | publish → ack p50 / p99 / p999 ms |\n|---|---|---:|---:|---:|---|---|",
         count(i.args.w4_rate as f64),
         i.args.w4_seconds,
         (i.args.w4_rate / 1000).max(1)
     );
     for o in os {
-        if let Some(r) = missing(o, 4) {
+        if let Some(r) = missing(o, 5) {
             s.push_str(&r);
             continue;
         }
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} of {} | {} | {} |",
+            "| {} | {} | {} | {} of {} | {} | {} | {} |",
             label(o),
             o.durability,
             opt_count(o.get("w4.achieved")),
             opt_count(o.get("w4.received")),
             opt_count(o.get("w4.sent")),
             opt_count(o.get("w4.failed")),
-            lat(o, "w4")
+            lat(o, "w4"),
+            lat(o, "w4ack")
         );
+        if o.key == "carebus" && o.get("w4stream.sent").is_some() {
+            let _ = writeln!(
+                s,
+                "| carebus, producer on `messages:stream` (one socket) | {} | {} | {} of {} | {} | {} | {} |",
+                o.durability,
+                opt_count(o.get("w4stream.achieved")),
+                opt_count(o.get("w4stream.received")),
+                opt_count(o.get("w4stream.sent")),
+                opt_count(o.get("w4stream.failed")),
+                lat(o, "w4stream"),
+                lat(o, "w4streamack")
+            );
+        }
     }
     s.push('\n');
 

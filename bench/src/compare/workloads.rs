@@ -274,6 +274,9 @@ pub struct W4 {
     pub failed: u64,
     pub first_error: Option<String>,
     pub send_elapsed: Duration,
+    /// Publish → acknowledgement of the same messages (µs): the publish side of the
+    /// end-to-end latency.
+    pub ack_latency_us: Histogram<u64>,
     pub drain: Drain,
 }
 
@@ -298,6 +301,7 @@ pub async fn w4(
     let mut sent = 0u64;
     let mut pending = Vec::new();
     let (mut failed, mut first_error) = (0u64, None);
+    let mut acks = Histogram::<u64>::new(3)?;
     let start = Instant::now();
     while sent < total {
         ticker.tick().await;
@@ -308,9 +312,11 @@ pub async fn w4(
             let topic = topic.to_owned();
             pending.push(tokio::spawn(async move {
                 let key = format!("W4-{sent:010}");
+                let t0 = Instant::now();
                 let r = d.publish(&topic, &key, oru(&key, now_ns())).await;
+                let took = t0.elapsed();
                 drop(permit);
-                r.map(|_| ())
+                r.map(|_| took)
             }));
         }
         // Reap finished sends now and then so the list stays short.
@@ -319,9 +325,12 @@ pub async fn w4(
                 .into_iter()
                 .partition(tokio::task::JoinHandle::is_finished);
             for t in done {
-                if let Err(e) = t.await? {
-                    failed += 1;
-                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                match t.await? {
+                    Ok(took) => record(&mut acks, took)?,
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert_with(|| format!("{e:#}"));
+                    }
                 }
             }
             pending = rest;
@@ -329,9 +338,12 @@ pub async fn w4(
     }
     let send_elapsed = start.elapsed();
     for t in pending {
-        if let Err(e) = t.await? {
-            failed += 1;
-            first_error.get_or_insert_with(|| format!("{e:#}"));
+        match t.await? {
+            Ok(took) => record(&mut acks, took)?,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
         }
     }
     let drain = receiver.await??;
@@ -341,6 +353,7 @@ pub async fn w4(
         failed,
         first_error,
         send_elapsed,
+        ack_latency_us: acks,
         drain,
     })
 }

@@ -439,6 +439,7 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
     // by half an fdatasync) instead of splitting them into two alternating cohorts.
     let mut population = 0u64;
     let mut last_fsync = Duration::ZERO;
+    let mut cohort = CohortWait::default();
     loop {
         let first = match (interval, &dirty) {
             (Some(every), Some((since, _, _))) => {
@@ -464,6 +465,8 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
         let mut pending = 0u64;
         let mut next = Some(first);
         let mut deadline: Option<Instant> = None;
+        let may_wait = interval.is_none() && cohort.should_wait();
+        let mut before_wait = None;
         while let Some(m) = next.take() {
             match m {
                 SyncerMsg::Written(g) => {
@@ -477,7 +480,8 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
                 }
             }
             next = rx.try_recv().ok();
-            if next.is_none() && pending < population && interval.is_none() {
+            if next.is_none() && pending < population && may_wait {
+                before_wait.get_or_insert(pending);
                 let until = *deadline.get_or_insert_with(|| {
                     Instant::now() + (last_fsync / 2).min(Duration::from_micros(500))
                 });
@@ -485,6 +489,12 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
                     .recv_timeout(until.saturating_duration_since(Instant::now()))
                     .ok();
             }
+        }
+        if let Some(before) = before_wait {
+            cohort.waited(
+                population.saturating_sub(before),
+                pending.saturating_sub(before),
+            );
         }
         let result = if interval.is_some() {
             if let Some(g) = groups.last() {
@@ -517,6 +527,39 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>) {
     }
     if let Some((_, file, path)) = dirty.take() {
         let _ = fdatasync(&shared, &file, &path);
+    }
+}
+
+/// Whether the syncer's short wait for the appenders it just released pays off. It
+/// does when they come straight back (closed-loop producers: each waits for its answer
+/// and sends the next message), so one fdatasync covers them all. It does not when
+/// appends arrive independently of the answers (producers at a fixed rate): then the
+/// wait only adds latency. After a wait that brought back less than half of the
+/// appenders it waited for, the next [`CohortWait::SKIP`] fdatasyncs do not wait; then
+/// waiting is tried again.
+#[derive(Debug, Default)]
+struct CohortWait {
+    skip: u32,
+}
+
+impl CohortWait {
+    const SKIP: u32 = 8;
+
+    /// Whether this round may wait for the expected appenders.
+    fn should_wait(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// A wait ended: `expected` appenders were missing when it began, `came` arrived.
+    fn waited(&mut self, expected: u64, came: u64) {
+        if came.saturating_mul(2) < expected {
+            self.skip = Self::SKIP;
+        }
     }
 }
 
@@ -576,4 +619,29 @@ fn publish(shared: &Shared, groups: Vec<WrittenGroup>, durability: Durability) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CohortWait;
+
+    #[test]
+    fn the_cohort_wait_stops_while_it_does_not_pay_and_is_tried_again() {
+        let mut c = CohortWait::default();
+        // Closed loop: the released appenders come back; waiting goes on.
+        for _ in 0..20 {
+            assert!(c.should_wait());
+            c.waited(64, 60);
+        }
+        // Open loop: few of the expected appenders come; the next SKIP rounds do not wait.
+        assert!(c.should_wait());
+        c.waited(10, 2);
+        for _ in 0..CohortWait::SKIP {
+            assert!(!c.should_wait());
+        }
+        // Then it is tried again, and kept if it pays.
+        assert!(c.should_wait());
+        c.waited(10, 5);
+        assert!(c.should_wait());
+    }
 }
