@@ -287,7 +287,7 @@ fn sync_disk() {
 }
 
 /// CPU seconds of the server's processes and of this harness so far.
-fn cpu_now(server_pids: &[u32]) -> (Option<f64>, Option<f64>) {
+fn cpu_now(server_pids: &[u32]) -> workloads::CpuReading {
     let server = server_pids
         .iter()
         .map(|p| procs::cpu_seconds(Some(*p)))
@@ -385,10 +385,13 @@ async fn suite(
         256,
         args.drain_consumers,
         Duration::from_secs(90),
+        &|| cpu_now(server_pids),
     )
     .await
     {
         Ok(w) => {
+            let [before, after] = w.drain_cpu;
+            put_cpu(m, "w3", before, after, w.drain.received);
             m.insert("w2.unique".into(), w.unique as f64);
             m.insert("w2.sent".into(), w.sent as f64);
             m.insert("w2.resends".into(), w.resends as f64);

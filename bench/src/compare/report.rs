@@ -475,14 +475,15 @@ pub fn markdown(i: &Input<'_>) -> String {
          MSH-10 = same idempotency key / `Nats-Msg-Id` / AMQP message-id), 256 in flight; \
          then {} competing consumers drain the subscription with explicit acks and count \
          what arrives (exactly-once = received = distinct = {}). W3 = that drain's rate \
-         (first receive to last message).\n\n\
-         | system | durability | sent | dups reported by broker | received | distinct | exactly-once | W3 drain msgs/s |\n|---|---|---:|---:|---:|---:|---|---:|",
+         (first receive to last message); CPU per message drained, server and harness \
+         (the drain's CPU over the messages received, including its final 1 s of quiet).\n\n\
+         | system | durability | sent | dups reported by broker | received | distinct | exactly-once | W3 drain msgs/s | W3 CPU µs/msg server / client |\n|---|---|---:|---:|---:|---:|---|---:|---|",
         count(i.args.w2_messages as f64),
         i.args.drain_consumers,
         count(i.args.w2_messages as f64)
     );
     for o in os {
-        if let Some(r) = missing(o, 6) {
+        if let Some(r) = missing(o, 7) {
             s.push_str(&r);
             continue;
         }
@@ -506,14 +507,16 @@ pub fn markdown(i: &Input<'_>) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {}{incomplete} | {} | {} | {} | {exact} | {} |",
+            "| {} | {} | {}{incomplete} | {} | {} | {} | {exact} | {} | {} / {} |",
             label(o),
             o.durability,
             opt_count(o.get("w2.sent")),
             opt_count(o.get("w2.dups")),
             opt_count(rec),
             opt_count(dis),
-            opt_count(o.get("w3.rate"))
+            opt_count(o.get("w3.rate")),
+            opt_us(o.get("w3.server_cpu_us")),
+            opt_us(o.get("w3.client_cpu_us"))
         );
     }
     s.push('\n');

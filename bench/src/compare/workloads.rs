@@ -184,7 +184,12 @@ pub struct W2 {
     pub publish_elapsed: Duration,
     pub publish_complete: bool,
     pub drain: Drain,
+    /// `cpu` read just before and just after the drain.
+    pub drain_cpu: [CpuReading; 2],
 }
+
+/// CPU seconds used so far by (the system's server processes, this harness), when known.
+pub type CpuReading = (Option<f64>, Option<f64>);
 
 /// The send order: every unique id once, and after every 10th a resend of an earlier id
 /// (byte-identical: same MSH-10, same body), mostly ≥ 512 positions back.
@@ -211,6 +216,7 @@ pub async fn w2_w3(
     inflight: usize,
     consumers: usize,
     limit: Duration,
+    cpu: &dyn Fn() -> CpuReading,
 ) -> anyhow::Result<W2> {
     d.setup(topic, &["s".to_owned()]).await?;
     let plan = Arc::new(w2_plan(unique));
@@ -251,7 +257,9 @@ pub async fn w2_w3(
     for i in 0..consumers.max(1) {
         cs.push(d.consumer(topic, "s", &format!("c{i}")).await?);
     }
+    let before = cpu();
     let drain = drain(cs, unique, Duration::from_secs(1), limit).await?;
+    let drain_cpu = [before, cpu()];
     Ok(W2 {
         unique,
         sent,
@@ -260,6 +268,7 @@ pub async fn w2_w3(
         publish_elapsed,
         publish_complete: sent == plan.len() as u64,
         drain,
+        drain_cpu,
     })
 }
 

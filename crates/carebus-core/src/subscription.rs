@@ -539,6 +539,9 @@ struct State {
     config: SubscriptionConfig,
     parts: Vec<PartState>,
     in_flight: HashMap<u64, (u32, u64)>,
+    /// No lease in flight ends before this (ms; a lower bound, `i64::MAX` when none is
+    /// known): lease expiry scans the in-flight deliveries only once it has passed.
+    earliest_lease_end_ms: i64,
     consumer_in_flight: HashMap<String, usize>,
     waiters: Vec<Waiter>,
     next_waiter: u64,
@@ -817,6 +820,7 @@ impl Subscription {
             config,
             parts,
             in_flight: HashMap::new(),
+            earliest_lease_end_ms: i64::MAX,
             consumer_in_flight: HashMap::new(),
             waiters: Vec::new(),
             next_waiter: 1,
@@ -942,20 +946,27 @@ impl Subscription {
         while s.parts.len() < topic.partitions.len() {
             s.parts.push(PartState::default());
         }
-        // Expire leases.
-        let expired: Vec<(u64, u32, u64)> = s
-            .in_flight
-            .iter()
-            .filter_map(|(&id, &(p, o))| {
-                let ps = s.parts.get(p as usize)?;
-                match ps.pending.get(&o).map(|x| &x.status) {
-                    Some(Status::InFlight { deadline_ms, .. }) if *deadline_ms <= now => {
-                        Some((id, p, o))
+        // Expire leases: a scan of the deliveries in flight, once the earliest lease
+        // may have ended (each receive comes here; most have nothing to expire).
+        let mut expired: Vec<(u64, u32, u64)> = Vec::new();
+        if s.earliest_lease_end_ms <= now {
+            let mut earliest = i64::MAX;
+            for (&id, &(p, o)) in &s.in_flight {
+                let status = s
+                    .parts
+                    .get(p as usize)
+                    .and_then(|ps| ps.pending.get(&o))
+                    .map(|x| &x.status);
+                if let Some(Status::InFlight { deadline_ms, .. }) = status {
+                    if *deadline_ms <= now {
+                        expired.push((id, p, o));
+                    } else {
+                        earliest = earliest.min(*deadline_ms);
                     }
-                    _ => None,
                 }
-            })
-            .collect();
+            }
+            s.earliest_lease_end_ms = earliest;
+        }
         let mut to_dead = Vec::new();
         let mut expired_events = Vec::new();
         for (id, p, o) in expired {
@@ -1062,11 +1073,13 @@ impl Subscription {
             };
             pending.failures.attempts += 1;
             let attempt = pending.failures.attempts;
+            let lease_end = now.saturating_add(deadline_ms);
             pending.status = Status::InFlight {
                 id,
                 consumer: consumer.clone(),
-                deadline_ms: now.saturating_add(deadline_ms),
+                deadline_ms: lease_end,
             };
+            s.earliest_lease_end_ms = s.earliest_lease_end_ms.min(lease_end);
             let delivery = Delivery {
                 delivery_id: id,
                 attempt,

@@ -323,7 +323,18 @@ pub(crate) struct MessageView {
     idempotency_key: Option<String>,
     content_type: Option<String>,
     headers: BTreeMap<String, String>,
-    body_base64: String,
+    body_base64: Base64Body,
+}
+
+/// A body written out as standard base64 straight into the JSON answer (no base64
+/// string of its own in between).
+#[derive(Debug)]
+pub(crate) struct Base64Body(Bytes);
+
+impl Serialize for Base64Body {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&base64::display::Base64Display::new(&self.0, &BASE64))
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -351,7 +362,7 @@ impl From<&StoredMessage> for MessageView {
             idempotency_key: m.idempotency_key.as_deref().map(text),
             content_type: m.content_type.clone(),
             headers,
-            body_base64: BASE64.encode(&m.body),
+            body_base64: Base64Body(m.body.clone()),
         }
     }
 }

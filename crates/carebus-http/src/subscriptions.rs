@@ -313,11 +313,13 @@ pub(crate) async fn receive(
         deliveries = deliveries.len(),
         "received"
     );
-    let views: Vec<DeliveryView> = deliveries.iter().map(DeliveryView::from).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "deliveries": views }),
-    ))
+    /// The answer, serialised straight from the views (no intermediate JSON tree).
+    #[derive(Serialize)]
+    struct Answer {
+        deliveries: Vec<DeliveryView>,
+    }
+    let deliveries = deliveries.iter().map(DeliveryView::from).collect();
+    Ok(json_response(StatusCode::OK, &Answer { deliveries }))
 }
 
 pub(crate) async fn ack(
