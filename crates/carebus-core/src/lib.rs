@@ -21,7 +21,8 @@ pub use broker::{
 pub use message::{PublishMessage, StoredMessage, body_hash};
 pub use store::{Store, StoreError, StoreReport, Topic};
 pub use subscription::{
-    Backoff, DeadLetter, Delivery, Dispatch, SettleRefusal, StartPosition, Subscription,
-    SubscriptionConfig, SubscriptionError, SubscriptionStats, SubscriptionTrace, TraceEvent,
+    Backoff, DeadLetter, Delivery, Dispatch, MAX_RECEIVE_BYTES, SettleRefusal, StartPosition,
+    Subscription, SubscriptionConfig, SubscriptionError, SubscriptionStats, SubscriptionTrace,
+    TraceEvent,
 };
 pub use topic::{TopicConfig, partition_for_key, validate_name};

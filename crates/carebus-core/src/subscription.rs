@@ -435,6 +435,10 @@ struct PartState {
     read_pos: u64,
     pending: BTreeMap<u64, Pending>,
     key_queues: HashMap<Bytes, VecDeque<u64>>,
+    /// No pending message below this offset is `Ready` (a lower bound: dispatch starts
+    /// its scan here instead of walking every delivery in flight; anything that makes a
+    /// message ready lowers it).
+    ready_from: u64,
 }
 
 impl PartState {
@@ -473,6 +477,9 @@ impl PartState {
     }
 
     fn insert_pending(&mut self, o: u64, p: Pending) {
+        if matches!(p.status, Status::Ready { .. }) {
+            self.ready_from = self.ready_from.min(o);
+        }
         if let Some(k) = &p.message.partition_key {
             let q = self.key_queues.entry(k.clone()).or_default();
             let at = q.partition_point(|&x| x < o);
@@ -482,12 +489,18 @@ impl PartState {
     }
 }
 
+/// Body bytes one receive answers with at most (always at least one message): a batch
+/// of large messages (reports, PDFs) is cut short instead of growing without bound.
+pub const MAX_RECEIVE_BYTES: usize = 8 << 20;
+
 #[derive(Debug)]
 struct Waiter {
     id: u64,
     consumer: String,
     max: usize,
     batch: Vec<Delivery>,
+    /// Body bytes in `batch` (bounded by [`MAX_RECEIVE_BYTES`]).
+    bytes: usize,
     tx: Option<oneshot::Sender<Vec<Delivery>>>,
 }
 
@@ -649,6 +662,14 @@ impl State {
             if id != 0 && !self.in_flight.contains_key(&id) {
                 return id;
             }
+        }
+    }
+
+    /// Notes that the message at `o` of partition `p` became `Ready` again, so that
+    /// dispatch's scan of that partition starts no later than it.
+    fn became_ready(&mut self, p: u32, o: u64) {
+        if let Some(ps) = self.parts.get_mut(p as usize) {
+            ps.ready_from = ps.ready_from.min(o);
         }
     }
 
@@ -995,6 +1016,7 @@ impl Subscription {
                 pending.status = Status::Ready {
                     not_before_ms: now + backoff.delay_ms(pending.failures.attempts, r) as i64,
                 };
+                ps.ready_from = ps.ready_from.min(o);
             }
             s.release_consumer(&consumer);
             expired_events.push(Event::Expired { p, o, t: now }.record());
@@ -1049,18 +1071,34 @@ impl Subscription {
             .map(|w| w.max.saturating_sub(w.batch.len()))
             .sum();
         let mut candidates = Vec::new();
-        for (p, ps) in s.parts.iter().enumerate() {
-            for (&o, pending) in &ps.pending {
+        for (p, ps) in s.parts.iter_mut().enumerate() {
+            // The deliveries in flight ahead of the first ready message are skipped.
+            let mut first_ready = None;
+            let mut complete = true;
+            for (&o, pending) in ps.pending.range(ps.ready_from..) {
                 if candidates.len() >= capacity {
+                    complete = false;
                     break;
                 }
-                let ready = matches!(pending.status, Status::Ready { not_before_ms } if not_before_ms <= now);
-                if ready && ps.is_head_of_key(o, pending.message.partition_key.as_ref()) {
+                let Status::Ready { not_before_ms } = pending.status else {
+                    continue;
+                };
+                first_ready.get_or_insert(o);
+                if not_before_ms <= now
+                    && ps.is_head_of_key(o, pending.message.partition_key.as_ref())
+                {
                     candidates.push((p, o));
                 }
             }
+            match first_ready {
+                Some(o) => ps.ready_from = o,
+                // Nothing ready in the whole partition: later ones lower the bound.
+                None if complete => ps.ready_from = u64::MAX,
+                None => {}
+            }
         }
         let deadline_ms = i64::try_from(s.config.ack_deadline_ms).unwrap_or(i64::MAX);
+        let mut attempts = Vec::new();
         for (p, o) in candidates {
             let Some(w) = self.pick_waiter(s) else { break };
             let id = s.new_delivery_id();
@@ -1092,17 +1130,24 @@ impl Subscription {
             if attempt > 1 {
                 s.redelivered += 1;
             }
-            let _ = self.events.append_detached(&[Event::Attempt {
-                p: p32,
-                o,
-                n: attempt,
-                c: consumer,
-                t: now,
-            }
-            .record()]);
+            attempts.push(
+                Event::Attempt {
+                    p: p32,
+                    o,
+                    n: attempt,
+                    c: consumer,
+                    t: now,
+                }
+                .record(),
+            );
             if let Some(waiter) = s.waiters.get_mut(w) {
+                waiter.bytes = waiter.bytes.saturating_add(delivery.message.body.len());
                 waiter.batch.push(delivery);
             }
+        }
+        // One append for the attempts of this dispatch (in their order).
+        if !attempts.is_empty() {
+            let _ = self.events.append_detached(&attempts);
         }
         // Answer every waiter that got something.
         let mut i = 0;
@@ -1136,6 +1181,7 @@ impl Subscription {
             let n = pending.failures.attempts;
             pending.status = Status::Ready { not_before_ms: 0 };
             pending.failures.attempts = n.saturating_sub(1);
+            s.became_ready(p, o);
             s.release_consumer(&c);
             let _ = self.events.append_detached(&[Event::Released {
                 p,
@@ -1152,7 +1198,7 @@ impl Subscription {
             .waiters
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.batch.len() < w.max)
+            .filter(|(_, w)| w.batch.len() < w.max && w.bytes < MAX_RECEIVE_BYTES)
             .map(|(i, _)| i)
             .collect();
         if open.is_empty() {
@@ -1160,28 +1206,22 @@ impl Subscription {
         }
         match s.config.dispatch {
             Dispatch::RoundRobin => {
-                // In turn by consumer name (not by arrival), after the last one served.
-                let name = |i: &usize| {
-                    s.waiters
-                        .get(*i)
-                        .map(|w| w.consumer.clone())
-                        .unwrap_or_default()
-                };
-                let mut by_name: Vec<(String, usize)> =
-                    open.iter().map(|i| (name(i), *i)).collect();
-                by_name.sort();
-                let pick = match &s.last_served {
-                    Some(last) => by_name
-                        .iter()
-                        .find(|(n, _)| n > last)
-                        .or_else(|| by_name.first()),
-                    None => by_name.first(),
+                // In turn by consumer name (not by arrival), after the last one served:
+                // the first open waiter by (name, arrival) after it, else the first of all.
+                let name = |i: usize| s.waiters.get(i).map_or("", |w| w.consumer.as_str());
+                let order = |a: &usize, b: &usize| name(*a).cmp(name(*b)).then(a.cmp(b));
+                let last = s.last_served.as_deref();
+                let pick = open
+                    .iter()
+                    .copied()
+                    .filter(|&i| last.is_some_and(|l| name(i) > l))
+                    .min_by(order)
+                    .or_else(|| open.iter().copied().min_by(order));
+                let served = pick.map(|i| name(i).to_owned());
+                if served.is_some() {
+                    s.last_served = served;
                 }
-                .cloned();
-                pick.map(|(n, i)| {
-                    s.last_served = Some(n);
-                    i
-                })
+                pick
             }
             Dispatch::Random => {
                 let r = usize::try_from(s.next_random() % open.len() as u64).unwrap_or(0);
@@ -1215,6 +1255,7 @@ impl Subscription {
                 consumer: consumer.to_owned(),
                 max,
                 batch: Vec::new(),
+                bytes: 0,
                 tx: Some(tx),
             });
             id
@@ -1323,6 +1364,7 @@ impl Subscription {
                     .and_then(|ps| ps.pending.get_mut(&o))
                 {
                     pending.status = Status::Ready { not_before_ms: 0 };
+                    s.became_ready(p, o);
                 }
             }
         }
@@ -1498,6 +1540,7 @@ impl Subscription {
                     pending.status = Status::Ready {
                         not_before_ms: now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
                     };
+                    s.became_ready(p, o);
                 }
             }
         }

@@ -833,3 +833,94 @@ async fn a_delivery_never_handed_over_does_not_count_as_an_attempt() {
         "one real attempt before the restart, this is the second"
     );
 }
+
+#[tokio::test]
+async fn a_receive_answers_with_a_bounded_number_of_body_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("reports", TopicConfig::default()).unwrap();
+    b.put_subscription("reports", "s", fast(Dispatch::RoundRobin))
+        .unwrap();
+    // Three 5 MiB reports: one answer stops once it holds 8 MiB of bodies or more.
+    for i in 0..3u8 {
+        let body = vec![b'A' + i; 5 << 20];
+        b.publish("reports", vec![PublishMessage::new(body)])
+            .await
+            .unwrap();
+    }
+    let first = b
+        .receive("reports", "s", "c", 10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(carebus_core::MAX_RECEIVE_BYTES < 10 << 20);
+    let rest = b
+        .receive("reports", "s", "c", 10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].message.body[0], b'C');
+    // A single message larger than the bound still comes, alone.
+    b.publish("reports", vec![PublishMessage::new(vec![b'Z'; 9 << 20])])
+        .await
+        .unwrap();
+    let big = b
+        .receive("reports", "s", "c", 10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(big.len(), 1);
+    assert_eq!(big[0].message.body.len(), 9 << 20);
+}
+
+#[tokio::test]
+async fn a_message_made_ready_behind_deliveries_in_flight_is_dispatched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.put_topic("t", TopicConfig::default()).unwrap();
+    let mut config = fast(Dispatch::RoundRobin);
+    config.backoff.initial_ms = 0;
+    config.backoff.max_ms = 0;
+    b.put_subscription("t", "s", config).unwrap();
+    for i in 0..6 {
+        publish(&b, "t", &format!("m{i}"), None).await;
+    }
+    // Everything in flight, then the first and the fourth are nacked: dispatch must
+    // find them again although the deliveries ahead of and between them are in flight.
+    let all = b
+        .receive("t", "s", "c", 6, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+    // A receive that finds nothing: dispatch has now seen every message in flight.
+    let none = b
+        .receive("t", "s", "c", 6, Duration::from_millis(0))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let refused = b
+        .nack("t", "s", &[all[3].delivery_id], "retry", Some(0))
+        .await
+        .unwrap();
+    assert!(refused.is_empty());
+    let again = b
+        .receive("t", "s", "c", 6, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message.offset, all[3].message.offset);
+    assert_eq!(again[0].attempt, 2);
+    let none = b
+        .receive("t", "s", "c", 6, Duration::from_millis(0))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    b.nack("t", "s", &[all[0].delivery_id], "retry", Some(0))
+        .await
+        .unwrap();
+    let first = b
+        .receive("t", "s", "c", 6, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].message.offset, all[0].message.offset);
+}

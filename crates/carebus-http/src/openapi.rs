@@ -509,7 +509,7 @@ pub fn openapi() -> Value {
             "ReceiveRequest": {
                 "type": "object", "additionalProperties": false,
                 "properties": {
-                    "max": { "type": "integer", "default": 1, "description": "bounded to 1..=1000" },
+                    "max": { "type": "integer", "default": 1, "description": "bounded to 1..=1000; an answer also stops once it holds 8 MiB of bodies (at least one message always)" },
                     "wait_ms": { "type": "integer", "minimum": 0, "default": 0, "description": "bounded to 60000" },
                     "consumer": { "type": "string", "minLength": 1, "maxLength": 200, "default": "default" }
                 }
