@@ -22,15 +22,18 @@ mod transactions;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::BytesMut;
 use carebus_core::{
     Broker, PublishMessage, PublishOutcome, StoredMessage, TopicConfig, TopicRuntime, validate_name,
 };
@@ -52,12 +55,19 @@ pub const HEADER_PREFIX: &str = "x-carebus-header-";
 pub struct HttpConfig {
     /// Largest request body accepted (413 `body_too_large` above it).
     pub max_body_bytes: usize,
+    /// Longest pause allowed while a request body arrives (408 `body_timeout` after it):
+    /// a client that trickles its body cannot hold a connection and a task forever.
+    pub body_idle_timeout: Duration,
 }
+
+/// Default [`HttpConfig::body_idle_timeout`].
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -414,7 +424,15 @@ pub(crate) fn topic_name(path: TopicPath) -> Result<String, ApiError> {
 }
 
 /// Reads the body, refusing it by its declared length before reading when too large.
-pub(crate) async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, Bytes), ApiError> {
+/// Reads a request body of at most `max_body_bytes`, failing with 408 `body_timeout`
+/// when no part of it arrives for `body_idle_timeout`.
+pub(crate) async fn read_body(
+    req: Request,
+    config: &HttpConfig,
+) -> Result<(HeaderMap, Bytes), ApiError> {
+    use futures_util::StreamExt;
+
+    let limit = config.max_body_bytes;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -423,11 +441,32 @@ pub(crate) async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, 
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::body_too_large(limit));
     }
-    let headers = req.headers().clone();
-    let body = Bytes::from_request(req, &())
-        .await
-        .map_err(|e| problem::body_rejection(&e, limit))?;
-    Ok((headers, body))
+    let (parts, body) = req.into_parts();
+    let mut chunks = body.into_data_stream();
+    // Capacity from the declared length, but never trusted beyond 1 MiB up front.
+    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit));
+    let mut buf = BytesMut::with_capacity(expected.min(limit).min(1 << 20));
+    loop {
+        let next = tokio::time::timeout(config.body_idle_timeout, chunks.next())
+            .await
+            .map_err(|_| ApiError::body_timeout(config.body_idle_timeout))?;
+        match next {
+            None => break,
+            Some(Ok(chunk)) => {
+                if buf.len().saturating_add(chunk.len()) > limit {
+                    return Err(ApiError::body_too_large(limit));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Some(Err(_)) => {
+                return Err(ApiError::bad_request(
+                    "unreadable_body",
+                    "the request body could not be read",
+                ));
+            }
+        }
+    }
+    Ok((parts.headers, buf.freeze()))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -634,7 +673,7 @@ async fn put_topic(
 ) -> Result<Response, ApiError> {
     let name = topic_name(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let config: TopicConfig = parse_json(&headers, &body, Some(TopicConfig::default()))?;
     let b = Arc::clone(&broker);
     let (rt, created) = blocking(move || b.put_topic(&name, config)).await?;
@@ -669,7 +708,7 @@ async fn publish_one(
 ) -> Result<Response, ApiError> {
     let name = topic_name(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let size = body.len();
     let message = message_from_http(&headers, body)?;
     let outcomes = broker.publish(&name, vec![message]).await?;
@@ -700,7 +739,7 @@ async fn publish_batch(
 ) -> Result<Response, ApiError> {
     let name = topic_name(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let batch: BatchRequest = parse_json(&headers, &body, None)?;
     drop(body);
     let messages = batch

@@ -42,6 +42,7 @@ pub fn openapi() -> Value {
         ("503", "not_ready: the broker is still recovering"),
     ]);
     let publish_errors = problem_responses(&[
+        ("408", "body_timeout: the request body paused too long"),
         ("413", "body_too_large, message_too_large"),
         (
             "415",

@@ -5,7 +5,7 @@
 //! a generic detail (no file paths leave the process).
 
 use axum::Json;
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use carebus_core::{BrokerError, StoreError};
@@ -73,6 +73,18 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// 408 `body_timeout`: the request body stalled for longer than allowed.
+    pub fn body_timeout(idle: std::time::Duration) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "no part of the request body arrived for {} ms; send the body without pauses",
+                idle.as_millis()
+            ),
         )
     }
 
@@ -193,14 +205,5 @@ impl From<&BrokerError> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
         ApiError::bad_request("invalid_path", e.body_text())
-    }
-}
-
-/// Converts a body-reading rejection (`limit` = the configured body limit).
-pub(crate) fn body_rejection(e: &BytesRejection, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::body_too_large(limit)
-    } else {
-        ApiError::bad_request("unreadable_body", "the request body could not be read")
     }
 }

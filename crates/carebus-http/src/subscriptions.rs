@@ -245,7 +245,7 @@ pub(crate) async fn put(
 ) -> Result<Response, ApiError> {
     let (topic, name) = names(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let config: SubscriptionConfig =
         parse_json(&headers, &body, Some(SubscriptionConfig::default()))?;
     let t = topic.clone();
@@ -284,7 +284,7 @@ pub(crate) async fn receive(
 ) -> Result<Response, ApiError> {
     let (topic, name) = names(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: ReceiveRequest = parse_json(&headers, &body, Some(ReceiveRequest::default()))?;
     let max = r.max.unwrap_or(1).clamp(1, MAX_RECEIVE);
     let wait = Duration::from_millis(r.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
@@ -329,7 +329,7 @@ pub(crate) async fn ack(
 ) -> Result<Response, ApiError> {
     let (topic, name) = names(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: AckRequest = parse_json(&headers, &body, None)?;
     match (r.delivery_ids, r.partition, r.offset) {
         (Some(values), None, None) => {
@@ -376,7 +376,7 @@ pub(crate) async fn nack(
 ) -> Result<Response, ApiError> {
     let (topic, name) = names(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: NackRequest = parse_json(&headers, &body, None)?;
     let ids = delivery_ids(&r.delivery_ids)?;
     if r.delay_ms.is_some_and(|d| d > MAX_NACK_DELAY_MS) {

@@ -63,7 +63,7 @@ pub(crate) async fn begin(
     req: Request,
 ) -> Result<Response, ApiError> {
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: BeginRequest = parse_json(&headers, &body, Some(BeginRequest::default()))?;
     let timeout_ms = r.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
@@ -92,7 +92,7 @@ pub(crate) async fn publish(
 ) -> Result<Response, ApiError> {
     let id = txn_id(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: PublishRequest = parse_json(&headers, &body, None)?;
     drop(body);
     check_name(&r.topic, "topic")?;
@@ -115,7 +115,7 @@ pub(crate) async fn ack(
 ) -> Result<Response, ApiError> {
     let id = txn_id(path)?;
     let broker = state.broker()?;
-    let (headers, body) = read_body(req, state.config.max_body_bytes).await?;
+    let (headers, body) = read_body(req, &state.config).await?;
     let r: AckRequest = parse_json(&headers, &body, None)?;
     check_name(&r.topic, "topic")?;
     check_name(&r.subscription, "subscription")?;

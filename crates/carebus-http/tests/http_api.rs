@@ -536,6 +536,7 @@ async fn batches_are_atomic_and_deduplicated() {
 async fn hostile_requests_get_problem_documents_that_do_not_echo_bodies() {
     let api = api_with(HttpConfig {
         max_body_bytes: 1024,
+        ..HttpConfig::default()
     });
     let app = &api.app;
     put_json(app, "/v1/topics/t", "{}").await;

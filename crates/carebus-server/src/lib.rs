@@ -139,6 +139,8 @@ pub async fn run_with_limits(
         slot.clone(),
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
+            // The pause allowed in a request body is the time allowed for its head.
+            body_idle_timeout: limits.header_timeout,
         },
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

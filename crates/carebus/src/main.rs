@@ -244,7 +244,8 @@ struct ServeArgs {
     http_max_connections: usize,
     /// Milliseconds an HTTP client has to send a complete request head (request line
     /// and headers), counted from the connection's start or the previous answer; idle
-    /// keep-alive connections are closed after it too (slowloris defence).
+    /// keep-alive connections are closed after it too (slowloris defence), and a request
+    /// body that pauses this long is answered 408 `body_timeout`.
     #[arg(long, default_value_t = 30_000, env = "CAREBUS_HTTP_HEADER_TIMEOUT_MS", value_parser = parse_positive_u64)]
     http_header_timeout_ms: u64,
 }

@@ -3,7 +3,9 @@
 //! MLLP (every one of its operations must succeed within a bound):
 //!
 //! - HTTP: slowloris heads trickled a byte at a time (closed by the server within the
-//!   header timeout), idle connections (closed likewise), a 1 MiB header (431 or
+//!   header timeout), bodies that stall mid-way (408 `body_timeout` after the same
+//!   timeout; a body trickled with shorter pauses still succeeds), idle connections
+//!   (closed likewise), a 1 MiB header (431 or
 //!   closed), bodies over the limit (413, declared or chunked), 100,000-deep JSON
 //!   nesting (400 problem+json), invalid UTF-8 in JSON and in header values and names
 //!   (4xx), random bytes (4xx or closed), and a flood of connections past
@@ -724,6 +726,76 @@ fn slowloris(addr: SocketAddr, connections: usize) -> Duration {
     slowest
 }
 
+/// Bodies that stall: heads complete, then part of the body and a pause longer than the
+/// header timeout. Each must be answered 408 `body_timeout` within the timeout (plus
+/// slack). And a body trickled a byte at a time, with pauses shorter than the timeout,
+/// is still read and published (the bound is on pauses, not on slow senders).
+/// Returns how long the slowest stalled body took to be answered.
+fn stalled_bodies(addr: SocketAddr, connections: usize) -> Duration {
+    let limit = HEADER_TIMEOUT + Duration::from_secs(5);
+    // A topic of its own: the well-behaved client counts what it consumes from its topic.
+    let mut s = connect(addr, limit + Duration::from_secs(5));
+    let created = request(
+        &mut s,
+        "PUT",
+        "/v1/topics/trickle",
+        &[("Content-Type", "application/json")],
+        b"{}",
+    )
+    .unwrap();
+    assert!(
+        created.status == 201 || created.status == 200,
+        "topic: {}",
+        created.status
+    );
+    let stalled: Vec<_> = (0..connections)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = connect(addr, limit + Duration::from_secs(5));
+                let started = Instant::now();
+                let head = "POST /v1/topics/trickle/messages HTTP/1.1\r\nHost: x\r\n\
+                    Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n";
+                s.write_all(head.as_bytes()).unwrap();
+                s.write_all(format!("stalled {i:03}").as_bytes()).unwrap();
+                let reply = read_reply(&mut s)
+                    .unwrap_or_else(|e| panic!("no answer to a stalled body: {e}"));
+                let took = started.elapsed();
+                reply.assert_problem(408, "stalled body");
+                assert_eq!(reply.json()["code"], "body_timeout");
+                assert!(
+                    took <= limit,
+                    "a stalled body was answered only after {took:?}"
+                );
+                assert!(
+                    took >= HEADER_TIMEOUT,
+                    "a stalled body was cut before the timeout ({took:?})"
+                );
+                took
+            })
+        })
+        .collect();
+    // Slow but steady: 8 bytes, one every quarter of the header timeout.
+    let head = "POST /v1/topics/trickle/messages HTTP/1.1\r\nHost: x\r\n\
+        Content-Type: application/octet-stream\r\nContent-Length: 8\r\n\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    for b in b"trickled" {
+        std::thread::sleep(HEADER_TIMEOUT / 4);
+        s.write_all(&[*b]).unwrap();
+    }
+    let reply = read_reply(&mut s).unwrap();
+    assert_eq!(
+        reply.status,
+        201,
+        "a slow but steady body: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    stalled
+        .into_iter()
+        .map(|t| t.join().expect("stalled body"))
+        .max()
+        .unwrap_or_default()
+}
+
 /// Random bytes and an oversized frame on the MLLP port.
 fn mllp_content_attacks(addr: SocketAddr) -> Vec<String> {
     let mut tried = Vec::new();
@@ -991,11 +1063,17 @@ fn every_listener_survives_hostile_input_and_floods_with_bounded_memory() {
         };
         let mllp_attacks = std::thread::spawn(move || mllp_content_attacks(mllp));
         let slow = std::thread::spawn(move || slowloris(http, 50));
+        let stalls = std::thread::spawn(move || stalled_bodies(http, 10));
         let mut round_tried = http_attacks.join().expect("HTTP content attacks");
         round_tried.extend(mllp_attacks.join().expect("MLLP content attacks"));
         let slowest_slowloris = slow.join().expect("slowloris");
         round_tried.push(format!(
             "50 slowloris heads (a byte per 100 ms) -> all closed, slowest after {slowest_slowloris:?}"
+        ));
+        let slowest_stall = stalls.join().expect("stalled bodies");
+        round_tried.push(format!(
+            "10 bodies stalled after 11 of 1000 bytes -> all 408 body_timeout, slowest after {slowest_stall:?}; a body trickled a byte per {:?} -> 201",
+            HEADER_TIMEOUT / 4
         ));
         phase1_took += phase1.elapsed();
 
