@@ -538,30 +538,24 @@ pub fn markdown(i: &Input<'_>) -> String {
             s.push_str(&r);
             continue;
         }
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} of {} | {} | {} | {} |",
-            label(o),
-            o.durability,
-            opt_count(o.get("w4.achieved")),
-            opt_count(o.get("w4.received")),
-            opt_count(o.get("w4.sent")),
-            opt_count(o.get("w4.failed")),
-            lat(o, "w4"),
-            lat(o, "w4ack")
-        );
-        if o.key == "carebus" && o.get("w4stream.sent").is_some() {
-            let _ = writeln!(
-                s,
-                "| carebus, producer on `messages:stream` (one socket) | {} | {} | {} of {} | {} | {} | {} |",
+        let row = |who: &str, p: &str| {
+            format!(
+                "| {who} | {} | {} | {} of {} | {} | {} | {} |\n",
                 o.durability,
-                opt_count(o.get("w4stream.achieved")),
-                opt_count(o.get("w4stream.received")),
-                opt_count(o.get("w4stream.sent")),
-                opt_count(o.get("w4stream.failed")),
-                lat(o, "w4stream"),
-                lat(o, "w4streamack")
-            );
+                opt_count(o.get(&format!("{p}.achieved"))),
+                opt_count(o.get(&format!("{p}.received"))),
+                opt_count(o.get(&format!("{p}.sent"))),
+                opt_count(o.get(&format!("{p}.failed"))),
+                lat(o, p),
+                lat(o, &format!("{p}ack"))
+            )
+        };
+        s.push_str(&row(&label(o), "w4"));
+        if o.key == "carebus" && o.get("w4stream.sent").is_some() {
+            s.push_str(&row(
+                "carebus, producer on `messages:stream` (one socket)",
+                "w4stream",
+            ));
         }
     }
     s.push('\n');
