@@ -439,6 +439,20 @@ impl TopicRuntime {
 
     /// Starts a dedup maintenance job on a blocking thread if an insert asked for one
     /// and none is running (without a runtime, runs it here).
+    /// Starts the deduplication index's maintenance if any is due now (expiry of keys
+    /// past the window, a checkpoint, full buffers), as a publish would: for topics
+    /// that receive no publishes for a while (see [`Broker::run_due_maintenance`]).
+    pub fn run_due_maintenance(self: &Arc<Self>) {
+        let due = self
+            .dedup
+            .lock()
+            .is_ok_and(|d| d.maintenance_due(carebus_log::now_ms()));
+        if due {
+            self.dedup_maintenance_wanted.store(true, Ordering::Release);
+            self.schedule_dedup_maintenance();
+        }
+    }
+
     fn schedule_dedup_maintenance(self: &Arc<Self>) {
         if !self.dedup_maintenance_wanted.load(Ordering::Acquire)
             || self.dedup_maintenance_running.swap(true, Ordering::AcqRel)
@@ -611,6 +625,15 @@ impl Broker {
             .read()
             .map(|r| r.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Starts every topic's due index maintenance (see
+    /// [`TopicRuntime::run_due_maintenance`]); a server calls this now and then so an
+    /// idle topic forgets its expired keys too. Cheap when nothing is due.
+    pub fn run_due_maintenance(&self) {
+        for rt in self.topics() {
+            rt.run_due_maintenance();
+        }
     }
 
     /// Deletes a topic with all its messages.

@@ -475,3 +475,40 @@ async fn keys_past_the_dedup_window_are_forgotten_and_their_memory_reclaimed() {
         .unwrap();
     assert!(!after[0].duplicate);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_topic_forgets_its_expired_keys_when_maintenance_is_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    let config = TopicConfig {
+        dedup_window_ms: Some(1_000),
+        ..TopicConfig::default()
+    };
+    broker.put_topic("idle", config).unwrap();
+    let rt = broker.topic("idle").unwrap();
+    for i in 0..20 {
+        let m = msg("x", Some(&format!("k-{i}")), None);
+        broker.publish("idle", vec![m]).await.unwrap();
+    }
+    assert_eq!(rt.dedup_stats().unwrap().keys, 20);
+    // No more publishes: only the periodic call can start the expiry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        broker.run_due_maintenance();
+        let keys = rt.dedup_stats().unwrap().keys;
+        if keys == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an idle topic still remembers {keys} expired keys"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Forgotten means a resend is stored again (the window has passed).
+    let again = broker
+        .publish("idle", vec![msg("x", Some("k-0"), None)])
+        .await
+        .unwrap();
+    assert!(!again[0].duplicate);
+}

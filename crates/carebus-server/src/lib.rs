@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 pub use carebus_http::DEFAULT_MAX_BODY_BYTES;
 pub use listener::{DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_CONNECTIONS, HttpLimits};
 
+/// How often the server starts the topics' due index maintenance (cheap when nothing is
+/// due); publishes start it too.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 mod listener;
 
 /// How to run the server.
@@ -244,9 +248,27 @@ pub async fn run_with_limits(
                             egress_rx.clone(),
                         )));
                     }
+                    // Index maintenance that publishes would start, for idle topics too
+                    // (expired keys are forgotten without waiting for the next publish).
+                    let maintenance = {
+                        let broker = Arc::downgrade(&broker);
+                        tokio::spawn(async move {
+                            let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
+                            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            loop {
+                                every.tick().await;
+                                let Some(broker) = broker.upgrade() else {
+                                    break;
+                                };
+                                broker.run_due_maintenance();
+                            }
+                        })
+                    };
                     slot.set(broker);
                     tracing::info!("ready");
                     let _ = (&mut shutdown).await;
+                    maintenance.abort();
+                    let _ = maintenance.await;
                     for task in mllp {
                         task.abort();
                     }

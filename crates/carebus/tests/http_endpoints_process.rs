@@ -451,6 +451,7 @@ fn every_http_endpoint_answers_as_documented() {
     dead_letters(&mut api);
     transactions(&mut api);
     metrics(&mut api, published);
+    an_idle_topic_forgets_expired_keys(&mut api);
 
     // Every endpoint of the OpenAPI document was exercised.
     let exercised: BTreeSet<(String, String)> = api
@@ -1133,6 +1134,46 @@ fn transactions(api: &mut Api) {
         .no_content();
     api.post_empty("/v1/transactions/12345/commit")
         .problem(404, "unknown_transaction");
+}
+
+/// The server runs due index maintenance by itself: a topic with a 1 s dedup window
+/// that receives nothing more forgets its keys (seen in `carebus_dedup_keys`), and a
+/// resend after that is stored again.
+fn an_idle_topic_forgets_expired_keys(api: &mut Api) {
+    api.put_json(
+        "/v1/topics/short.window",
+        &json!({"dedup_window_ms": 1_000}),
+    )
+    .json(201);
+    for i in 0..3 {
+        api.publish(
+            "short.window",
+            b"ADT",
+            &[&format!("Idempotency-Key: SHORT|{i}")],
+        )
+        .json(201);
+    }
+    let topic = [("topic", "short.window")];
+    let keys = |api: &mut Api| {
+        let text = api.get("/metrics").text();
+        parse_metrics(&text)
+            .get(&("carebus_dedup_keys".to_owned(), labels(&topic)))
+            .copied()
+    };
+    assert_eq!(keys(api), Some(3.0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while keys(api) != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "an idle topic still remembers its keys: {:?}",
+            keys(api)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = api
+        .publish("short.window", b"ADT", &["Idempotency-Key: SHORT|0"])
+        .json(201);
+    assert_eq!(again["duplicate"], false, "{again}");
 }
 
 fn metrics(api: &mut Api, published: u64) {
