@@ -596,8 +596,11 @@ impl Broker {
         let mut runtimes = self.runtimes.write().map_err(poisoned)?;
         let (topic, created) = self.store.put_topic(name, config)?;
         if let Some(rt) = runtimes.get(name) {
-            // Same index and counters; new configuration and partitions.
+            // Same index and counters; new configuration and partitions, and the new
+            // deduplication window from now on.
+            let window = topic.config.dedup_window();
             *rt.topic.write().map_err(poisoned)? = topic;
+            rt.dedup.lock().map_err(poisoned)?.set_window(window);
             return Ok((Arc::clone(rt), created));
         }
         let rt = Arc::new(TopicRuntime::open(

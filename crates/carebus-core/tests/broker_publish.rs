@@ -512,3 +512,55 @@ async fn an_idle_topic_forgets_its_expired_keys_when_maintenance_is_run() {
         .unwrap();
     assert!(!again[0].duplicate);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_dedup_window_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    let hour = TopicConfig {
+        dedup_window_ms: Some(3_600_000),
+        ..TopicConfig::default()
+    };
+    broker.put_topic("w", hour).unwrap();
+    broker
+        .publish("w", vec![msg("x", Some("K"), None)])
+        .await
+        .unwrap();
+    let again = broker
+        .publish("w", vec![msg("x", Some("K"), None)])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate);
+    // Shortened to 500 ms: once K is older than that, a resend is stored again, and
+    // maintenance forgets the old entry.
+    let short = TopicConfig {
+        dedup_window_ms: Some(500),
+        ..hour
+    };
+    broker.put_topic("w", short).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let later = broker
+        .publish("w", vec![msg("x", Some("K"), None)])
+        .await
+        .unwrap();
+    assert!(!later[0].duplicate, "the shorter window applies at once");
+    let rt = broker.topic("w").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while rt.dedup_stats().unwrap().keys > 1 {
+        assert!(std::time::Instant::now() < deadline, "old entry kept");
+        broker.run_due_maintenance();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Lengthened again: the window is used for lookups from now on.
+    let day = TopicConfig {
+        dedup_window_ms: Some(86_400_000),
+        ..TopicConfig::default()
+    };
+    broker.put_topic("w", day).unwrap();
+    let dup = broker
+        .publish("w", vec![msg("x", Some("K"), None)])
+        .await
+        .unwrap();
+    assert!(dup[0].duplicate);
+    assert_eq!(dup[0].offset, later[0].offset);
+}

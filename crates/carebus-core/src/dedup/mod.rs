@@ -915,6 +915,22 @@ impl DedupIndex {
         })
     }
 
+    /// Changes the window from now on: lookups use it at once, and the next maintenance
+    /// expiry (due at once) drops what is older than a shorter window. A longer window
+    /// does not bring back entries already expired.
+    pub fn set_window(&mut self, window: Duration) {
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        if window_ms != self.window_ms {
+            self.window_ms = window_ms;
+            self.next_expiry_ms = i64::MIN;
+        }
+    }
+
+    /// The window now.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.window_ms).unwrap_or(0))
+    }
+
     /// Drops entries with `timestamp_ms < now_ms - window` from memory, and from disk
     /// (deleting wholly expired run files, rewriting mostly expired ones). Returns how
     /// many entries were dropped; 0 while a maintenance job is out.
