@@ -657,6 +657,16 @@ impl Broker {
         topic: &str,
         messages: Vec<PublishMessage>,
     ) -> Result<Vec<PublishOutcome>, BrokerError> {
+        self.publish_slice(topic, &messages).await
+    }
+
+    /// [`publish`](Broker::publish) of borrowed messages (a refused group can then be
+    /// published again one by one without copies).
+    async fn publish_slice(
+        &self,
+        topic: &str,
+        messages: &[PublishMessage],
+    ) -> Result<Vec<PublishOutcome>, BrokerError> {
         let rt = self.topic(topic)?;
         if messages.is_empty() {
             return Err(BrokerError::EmptyBatch);
@@ -890,8 +900,7 @@ impl Broker {
         group: Vec<PublishMessage>,
     ) -> Vec<Result<PublishOutcome, Arc<BrokerError>>> {
         let n = group.len();
-        let singles = if n > 1 { Some(group.clone()) } else { None };
-        let err = match self.publish(topic, group).await {
+        let err = match self.publish_slice(topic, &group).await {
             Ok(outcomes) if outcomes.len() == n => return outcomes.into_iter().map(Ok).collect(),
             Ok(_) => BrokerError::Internal,
             Err(e) => e,
@@ -904,24 +913,22 @@ impl Broker {
                     | LogError::InvalidRecord(_)
             )
         );
-        match singles {
+        if n > 1 && refused_for_one {
             // Nothing of the group was stored: each message on its own.
-            Some(singles) if refused_for_one => {
-                let mut out = Vec::with_capacity(n);
-                for m in singles {
-                    out.push(match self.publish(topic, vec![m]).await {
+            let mut out = Vec::with_capacity(n);
+            for m in &group {
+                out.push(
+                    match self.publish_slice(topic, std::slice::from_ref(m)).await {
                         Ok(mut o) if o.len() == 1 => o.pop().ok_or(Arc::new(BrokerError::Internal)),
                         Ok(_) => Err(Arc::new(BrokerError::Internal)),
                         Err(e) => Err(Arc::new(e)),
-                    });
-                }
-                out
+                    },
+                );
             }
-            _ => {
-                let err = Arc::new(err);
-                (0..n).map(|_| Err(Arc::clone(&err))).collect()
-            }
+            return out;
         }
+        let err = Arc::new(err);
+        (0..n).map(|_| Err(Arc::clone(&err))).collect()
     }
 
     /// Reads stored messages of a partition from `offset` on.

@@ -1016,7 +1016,7 @@ impl Subscription {
                 pending.status = Status::Ready {
                     not_before_ms: now + backoff.delay_ms(pending.failures.attempts, r) as i64,
                 };
-                ps.ready_from = ps.ready_from.min(o);
+                s.became_ready(p, o);
             }
             s.release_consumer(&consumer);
             expired_events.push(Event::Expired { p, o, t: now }.record());

@@ -284,13 +284,26 @@ async fn publish_group(
             return;
         }
     };
+    // A failure shared by a partition's group is converted (and, if internal, logged)
+    // once, not once per message.
+    let mut converted: Option<(Arc<carebus_core::BrokerError>, ApiError)> = None;
     for (id, answer) in ids.into_iter().zip(answers) {
         let frame = match answer {
             Ok(o) => reply(&StreamReply::Result {
                 id,
                 result: OutcomeView::from(&o),
             }),
-            Err(e) => error_reply(Some(id), &ApiError::from(&*e)),
+            Err(e) => {
+                let api = match &converted {
+                    Some((seen, api)) if Arc::ptr_eq(seen, &e) => api.clone(),
+                    _ => {
+                        let api = ApiError::from(&*e);
+                        converted = Some((e, api.clone()));
+                        api
+                    }
+                };
+                error_reply(Some(id), &api)
+            }
         };
         let _ = tx.send(frame).await;
     }
