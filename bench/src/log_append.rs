@@ -92,6 +92,7 @@ pub fn run(
         records: after.records - before.records,
         fsyncs: after.fsyncs - before.fsyncs,
         fsync_micros: after.fsync_micros - before.fsync_micros,
+        inline_syncs: after.inline_syncs - before.inline_syncs,
         bytes_written: after.bytes_written - before.bytes_written,
     };
     Ok(AppendRun {

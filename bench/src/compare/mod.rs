@@ -80,6 +80,10 @@ pub struct CompareArgs {
     /// Only the strace verification, no benchmark.
     #[arg(long)]
     pub strace_only: bool,
+    /// Only these workload groups, comma-separated (for quick A/B runs; the default
+    /// runs all): w1, batch, stream, w2 (W2 and W3), w4, w5, core, w6.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// TrueType font for the chart's text (Debian fonts-dejavu-core); without it the
     /// chart has no text.
     #[arg(
@@ -87,6 +91,13 @@ pub struct CompareArgs {
         default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     )]
     pub font: PathBuf,
+}
+
+impl CompareArgs {
+    /// Whether the workload group `name` runs (see `--only`).
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
 }
 
 /// Named figures of one run of one system (latencies in ms, rates per second).
@@ -325,6 +336,9 @@ async fn suite(
     let warm = Duration::from_secs(args.warmup);
     let secs = Duration::from_secs(args.seconds.max(1));
     for inflight in [1usize, 256] {
+        if !args.runs("w1") {
+            break;
+        }
         eprintln!("[{name}] W1 durable publish, in-flight {inflight}");
         let before = cpu_now(server_pids);
         match workloads::w1(
@@ -349,7 +363,7 @@ async fn suite(
             Err(e) => errors.push(format!("W1 in-flight {inflight}: {e:#}")),
         }
     }
-    if let Some(cb) = cb {
+    if let Some(cb) = cb.filter(|_| args.runs("batch")) {
         eprintln!("[{name}] W1 via publish_batch (64 per request, 4 requests in flight)");
         let before = cpu_now(server_pids);
         match carebus::batch_publish(cb, "w1batch", 64, 4, warm, secs).await {
@@ -359,6 +373,8 @@ async fn suite(
             }
             Err(e) => errors.push(format!("publish_batch: {e:#}")),
         }
+    }
+    if let Some(cb) = cb.filter(|_| args.runs("stream")) {
         let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
         for inflight in [1usize, 256] {
             eprintln!("[{name}] W1 via the messages:stream WebSocket, in-flight {inflight}");
@@ -374,12 +390,36 @@ async fn suite(
             }
         }
     }
+    if args.runs("w2") {
+        w2_w3(name, &d, server_pids, args, m, errors).await;
+    }
+    if args.runs("w4") {
+        w4(name, &d, cb, args, m, errors).await;
+    }
+    if args.runs("w5") {
+        w5(name, &d, m, args, errors).await;
+    }
+    if let Some(cb) = cb
+        && cb.saw_buffered.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        errors.push("carebus answered `buffered` (not fsynced) for some publishes".into());
+    }
+}
+
+async fn w2_w3(
+    name: &str,
+    d: &Arc<dyn Driver>,
+    server_pids: &[u32],
+    args: &CompareArgs,
+    m: &mut Metrics,
+    errors: &mut Vec<String>,
+) {
     eprintln!(
         "[{name}] W2 retrying producer ({} unique + 10 % resends), W3 drain",
         args.w2_messages
     );
     match workloads::w2_w3(
-        Arc::clone(&d),
+        Arc::clone(d),
         "w2",
         args.w2_messages,
         256,
@@ -414,12 +454,22 @@ async fn suite(
         }
         Err(e) => errors.push(format!("W2/W3: {e:#}")),
     }
+}
+
+async fn w4(
+    name: &str,
+    d: &Arc<dyn Driver>,
+    cb: Option<&carebus::CarebusDriver>,
+    args: &CompareArgs,
+    m: &mut Metrics,
+    errors: &mut Vec<String>,
+) {
     eprintln!(
         "[{name}] W4 end-to-end latency at {}/s for {} s",
         args.w4_rate, args.w4_seconds
     );
     match workloads::w4(
-        Arc::clone(&d),
+        Arc::clone(d),
         "w4",
         args.w4_rate,
         Duration::from_secs(args.w4_seconds.max(1)),
@@ -447,9 +497,18 @@ async fn suite(
             Err(e) => errors.push(format!("W4 over messages:stream: {e:#}")),
         }
     }
+}
+
+async fn w5(
+    name: &str,
+    d: &Arc<dyn Driver>,
+    m: &mut Metrics,
+    args: &CompareArgs,
+    errors: &mut Vec<String>,
+) {
     eprintln!("[{name}] W5 fan-out to 4 subscriptions, 8 competing consumers");
     match workloads::w5(
-        Arc::clone(&d),
+        Arc::clone(d),
         "w5",
         args.w5_messages,
         Duration::from_secs(60),
@@ -464,11 +523,6 @@ async fn suite(
             m.insert("w5.comp_rate".into(), w.competing.rate());
         }
         Err(e) => errors.push(format!("W5: {e:#}")),
-    }
-    if let Some(cb) = cb
-        && cb.saw_buffered.load(std::sync::atomic::Ordering::Relaxed)
-    {
-        errors.push("carebus answered `buffered` (not fsynced) for some publishes".into());
     }
 }
 
@@ -505,6 +559,9 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
     let warm = Duration::from_secs(args.warmup);
     let secs = Duration::from_secs(args.seconds.max(1));
     for publishers in [1usize, 256] {
+        if !args.runs("core") {
+            break;
+        }
         eprintln!("[carebus] in-process core publish (keyed), {publishers} in flight");
         sync_disk();
         match crate::core_broker::publish(
@@ -525,6 +582,9 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
         }
     }
     for connections in [1usize, 16] {
+        if !args.runs("w6") {
+            break;
+        }
         eprintln!("[carebus] W6 MLLP ingest, {connections} connection(s)");
         sync_disk();
         match crate::mllp_ingest::run(

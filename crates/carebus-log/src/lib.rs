@@ -246,6 +246,9 @@ pub struct LogStats {
     pub fsync_micros: u64,
     /// Bytes written.
     pub bytes_written: u64,
+    /// Of `fsyncs`, those the writer thread made itself for a small group that found
+    /// the syncer idle (low load), skipping the hand-off to the syncer thread.
+    pub inline_syncs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -256,6 +259,7 @@ pub(crate) struct Counters {
     pub(crate) fsyncs: AtomicU64,
     pub(crate) fsync_micros: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
+    pub(crate) inline_syncs: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -571,6 +575,7 @@ impl Log {
             batches: c.batches.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            inline_syncs: c.inline_syncs.load(Ordering::Relaxed),
             fsync_micros: c.fsync_micros.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
         }

@@ -344,3 +344,62 @@ async fn after_append_steps_run_in_log_order_even_when_the_appender_gives_up() {
     assert!(log.append_then(&[], never).await.is_err());
     assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_appender_is_synced_by_the_writer_and_a_crowd_by_the_syncer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let log = Arc::new(log);
+    let opened = log.stats();
+    // One appender at a time: every append finds the syncer idle and is fsynced by
+    // the writer itself, still before its acknowledgement.
+    for i in 0..20u64 {
+        let ack = log.append(&[rec(i)]).await.unwrap();
+        assert_eq!(ack.base_offset, i);
+        assert_eq!(ack.durability, Durability::Fsynced);
+    }
+    let lone = log.stats();
+    assert_eq!(
+        (lone.fsyncs - opened.fsyncs, lone.inline_syncs),
+        (20, 20),
+        "{opened:?} {lone:?}"
+    );
+    // Many appenders at once: groups larger than the inline bound go to the syncer.
+    // (Bounded retries: how the crowd splits into groups depends on timing.)
+    let mut next = 20u64;
+    for _ in 0..20 {
+        let appends = (next..next + 256).map(|i| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.append(&[rec(i)]).await })
+        });
+        let acks = join_appends(appends).await;
+        for ack in &acks {
+            assert_eq!(ack.durability, Durability::Fsynced);
+        }
+        next += 256;
+        let s = log.stats();
+        if s.fsyncs > s.inline_syncs {
+            break;
+        }
+    }
+    let crowd = log.stats();
+    assert!(crowd.fsyncs > crowd.inline_syncs, "{crowd:?}");
+    assert_eq!(crowd.records, next);
+    // Whoever synced, the log holds every record once, in offset order.
+    let all = log.read(0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(all.len() as u64, next);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.offset, i as u64);
+    }
+}
+
+async fn join_appends(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<carebus_log::Result<carebus_log::AppendAck>>>,
+) -> Vec<carebus_log::AppendAck> {
+    let handles: Vec<_> = tasks.collect();
+    let mut acks = Vec::with_capacity(handles.len());
+    for h in handles {
+        acks.push(h.await.unwrap().unwrap());
+    }
+    acks
+}
