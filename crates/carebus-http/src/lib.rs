@@ -333,7 +333,10 @@ pub(crate) struct MessageView {
     idempotency_key: Option<String>,
     content_type: Option<String>,
     headers: BTreeMap<String, String>,
-    body_base64: Base64Body,
+    /// Always there in answers; `None` only while the receive answer writes the body
+    /// itself (see `subscriptions::deliveries_answer`). Kept the last field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<Base64Body>,
 }
 
 /// A body, written out as standard base64 when the answer is serialised (not before).
@@ -341,6 +344,28 @@ pub(crate) struct MessageView {
 /// the encoded string (streaming `Base64Display` instead measured the same).
 #[derive(Debug)]
 pub(crate) struct Base64Body(Bytes);
+
+/// Appends `body` as a JSON string of its standard base64, encoded in place. Base64
+/// text never needs escaping, so this skips serde_json's escape scan and the
+/// intermediate `String`.
+pub(crate) fn push_base64_json(out: &mut Vec<u8>, body: &[u8]) {
+    out.push(b'"');
+    let start = out.len();
+    let len = base64::encoded_len(body.len(), true).unwrap_or(0);
+    out.resize(start + len, 0);
+    match out
+        .get_mut(start..)
+        .map(|buf| BASE64.encode_slice(body, buf))
+    {
+        Some(Ok(written)) => out.truncate(start + written),
+        // Not reachable (the buffer is sized by `encoded_len`); the slow path is exact.
+        _ => {
+            out.truncate(start);
+            out.extend_from_slice(BASE64.encode(body).as_bytes());
+        }
+    }
+    out.push(b'"');
+}
 
 impl Serialize for Base64Body {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -355,6 +380,15 @@ fn text(b: &[u8]) -> String {
 
 impl From<&StoredMessage> for MessageView {
     fn from(m: &StoredMessage) -> Self {
+        let mut view = MessageView::without_body(m);
+        view.body_base64 = Some(Base64Body(m.body.clone()));
+        view
+    }
+}
+
+impl MessageView {
+    /// The view of everything but the body (which the caller writes itself).
+    pub(crate) fn without_body(m: &StoredMessage) -> Self {
         let mut headers: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in &m.headers {
             headers
@@ -373,7 +407,7 @@ impl From<&StoredMessage> for MessageView {
             idempotency_key: m.idempotency_key.as_deref().map(text),
             content_type: m.content_type.clone(),
             headers,
-            body_base64: Base64Body(m.body.clone()),
+            body_base64: None,
         }
     }
 }

@@ -12,14 +12,14 @@ use std::time::Duration;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use carebus_core::{Delivery, SettleRefusal, Subscription, SubscriptionConfig, SubscriptionStats};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
     ApiError, AppState, MessageView, TopicPath, blocking, check_name, json_response, parse_json,
-    query_param, read_body, topic_name,
+    push_base64_json, query_param, read_body, topic_name,
 };
 
 /// Most deliveries one receive answers.
@@ -91,15 +91,42 @@ struct DeliveryView {
     message: MessageView,
 }
 
-impl From<&Delivery> for DeliveryView {
-    fn from(d: &Delivery) -> Self {
-        DeliveryView {
+/// The receive answer `{"deliveries":[…]}`, written into one buffer sized up front:
+/// each delivery's fields through serde_json, then its body base64-encoded in place
+/// ([`push_base64_json`]). Before, the body went through a `String` and serde_json's
+/// escape scan, and the growing answer was copied as it doubled: together ~20 % of
+/// the server's CPU while draining 1 KiB messages.
+fn deliveries_answer(deliveries: &[Delivery]) -> Result<Vec<u8>, ApiError> {
+    let bodies: usize = deliveries
+        .iter()
+        .map(|d| d.message.body.len().div_ceil(3).saturating_mul(4))
+        .fold(0usize, usize::saturating_add);
+    let mut out =
+        Vec::with_capacity(bodies.saturating_add(deliveries.len().saturating_mul(400)) + 32);
+    out.extend_from_slice(br#"{"deliveries":["#);
+    for (i, d) in deliveries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let head = DeliveryView {
             delivery_id: d.delivery_id,
             delivery_id_str: d.delivery_id.to_string(),
             attempt: d.attempt,
-            message: MessageView::from(&d.message),
+            message: MessageView::without_body(&d.message),
+        };
+        serde_json::to_writer(&mut out, &head)
+            .map_err(|e| ApiError::internal(&format!("cannot encode a delivery: {e}")))?;
+        // The head is a non-empty object: it ends with its closing brace, and the
+        // body goes in as its last field.
+        if out.pop() != Some(b'}') {
+            return Err(ApiError::internal("a delivery did not encode as an object"));
         }
+        out.extend_from_slice(br#","body_base64":"#);
+        push_base64_json(&mut out, &d.message.body);
+        out.push(b'}');
     }
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -313,13 +340,16 @@ pub(crate) async fn receive(
         deliveries = deliveries.len(),
         "received"
     );
-    /// The answer, serialised straight from the views (no intermediate JSON tree).
-    #[derive(Serialize)]
-    struct Answer {
-        deliveries: Vec<DeliveryView>,
-    }
-    let deliveries = deliveries.iter().map(DeliveryView::from).collect();
-    Ok(json_response(StatusCode::OK, &Answer { deliveries }))
+    let answer = deliveries_answer(&deliveries)?;
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        answer,
+    )
+        .into_response())
 }
 
 pub(crate) async fn ack(
@@ -484,6 +514,79 @@ pub(crate) async fn trace_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use carebus_core::StoredMessage;
+    use proptest::prelude::*;
+
+    fn delivery(
+        body: Vec<u8>,
+        key: Option<Vec<u8>>,
+        headers: Vec<(String, Vec<u8>)>,
+        id: u64,
+    ) -> Delivery {
+        Delivery {
+            delivery_id: id,
+            attempt: u32::try_from(id % 5).unwrap() + 1,
+            message: StoredMessage {
+                partition: u32::try_from(id % 3).unwrap(),
+                offset: id * 7,
+                timestamp_ms: 1_700_000_000_000,
+                partition_key: key.clone().map(Bytes::from),
+                idempotency_key: key.map(Bytes::from),
+                content_type: (id % 2 == 0).then(|| "x-application/hl7-v2+er7".to_owned()),
+                headers: headers
+                    .into_iter()
+                    .map(|(n, v)| (n, Bytes::from(v)))
+                    .collect(),
+                body: Bytes::from(body),
+                body_hash: 0,
+            },
+        }
+    }
+
+    proptest! {
+        /// The hand-written receive answer is the JSON the serde views give, for any
+        /// bodies, keys and headers (binary, empty, not UTF-8, needing escapes).
+        #[test]
+        fn the_receive_answer_is_the_json_of_the_views(
+            items in proptest::collection::vec(
+                (
+                    proptest::collection::vec(any::<u8>(), 0..1500),
+                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                    proptest::collection::vec(("[a-z\"\\\\]{1,6}", proptest::collection::vec(any::<u8>(), 0..12)), 0..3),
+                ),
+                0..6,
+            )
+        ) {
+            let ds: Vec<Delivery> = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, (body, key, headers))| delivery(body, key, headers, i as u64 + 1))
+                .collect();
+            let written = deliveries_answer(&ds).unwrap();
+            let parsed: Value = serde_json::from_slice(&written).unwrap();
+            let reference: Vec<Value> = ds
+                .iter()
+                .map(|d| {
+                    serde_json::to_value(DeliveryView {
+                        delivery_id: d.delivery_id,
+                        delivery_id_str: d.delivery_id.to_string(),
+                        attempt: d.attempt,
+                        message: MessageView::from(&d.message),
+                    })
+                    .unwrap()
+                })
+                .collect();
+            prop_assert_eq!(&parsed, &json!({ "deliveries": reference }));
+            for (d, v) in ds.iter().zip(parsed["deliveries"].as_array().unwrap()) {
+                let body = base64::engine::general_purpose::STANDARD
+                    .decode(v["body_base64"].as_str().unwrap())
+                    .unwrap();
+                prop_assert_eq!(&body[..], &d.message.body[..]);
+            }
+        }
+    }
 
     #[test]
     fn delivery_ids_come_as_numbers_or_strings_and_are_deduplicated() {
