@@ -534,7 +534,9 @@ mod tests {
                 timestamp_ms: 1_700_000_000_000,
                 partition_key: key.clone().map(Bytes::from),
                 idempotency_key: key.map(Bytes::from),
-                content_type: (id % 2 == 0).then(|| "x-application/hl7-v2+er7".to_owned()),
+                content_type: id
+                    .is_multiple_of(2)
+                    .then(|| "x-application/hl7-v2+er7".to_owned()),
                 headers: headers
                     .into_iter()
                     .map(|(n, v)| (n, Bytes::from(v)))
