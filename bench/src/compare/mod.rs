@@ -697,7 +697,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         let secs = Duration::from_secs(args.seconds.max(1));
         let sync = crate::disk::write_fdatasync(work.path(), 1024, secs)?;
         let seq = crate::disk::sequential_bandwidth(work.path(), 256 << 20)?;
-        Ok(report::Disk::new(when, &sync, &seq))
+        report::Disk::new(when, &sync, &seq)
     };
     if !args.strace_only {
         disks.push(measure_disk("start of the run")?);
