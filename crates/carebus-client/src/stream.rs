@@ -152,13 +152,27 @@ impl PublishStream {
     }
 
     /// Publishes one message and waits for its outcome (other calls go on meanwhile).
+    /// The message goes as a binary frame (its body byte for byte).
     pub async fn publish(&self, message: &Message) -> Result<Outcome, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::binary(binary_frame(id, message)?);
+        self.send_and_wait(id, frame).await
+    }
+
+    /// As [`publish`](PublishStream::publish), with the message sent as a JSON text
+    /// frame (the body as text if it is UTF-8, else base64): the stream's other
+    /// encoding, for servers or proxies that take text frames only.
+    pub async fn publish_json(&self, message: &Message) -> Result<Outcome, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let text = serde_json::to_string(&Request {
             id,
             message: message.into(),
         })
         .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.send_and_wait(id, Frame::text(text)).await
+    }
+
+    async fn send_and_wait(&self, id: u64, frame: Frame) -> Result<Outcome, Error> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .waiting
@@ -170,7 +184,7 @@ impl PublishStream {
             waiting: &self.inner.waiting,
             id,
         };
-        if self.inner.frames.send(Frame::text(text)).await.is_err() {
+        if self.inner.frames.send(frame).await.is_err() {
             return Err(self.transport("the stream is closed"));
         }
         match rx.await {
@@ -185,6 +199,51 @@ impl PublishStream {
             reason: reason.to_owned(),
         }
     }
+}
+
+/// The binary frame of one message (version 1; layout in the server's
+/// `carebus_http::stream` docs): version, id, flags, the flagged keys and content type,
+/// the headers, then the body as it is.
+fn binary_frame(id: u64, m: &Message) -> Result<Vec<u8>, Error> {
+    let too_long = |what: &str| Error::InvalidRequest(format!("the {what} is too long"));
+    let fields = [
+        m.idempotency_key.as_deref(),
+        m.partition_key.as_deref(),
+        m.content_type.as_deref(),
+    ];
+    let heads: usize = m.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+    let mut f = Vec::with_capacity(16 + 3 * 64 + heads + m.body.len());
+    f.push(1);
+    f.extend_from_slice(&id.to_be_bytes());
+    let mut flags = 0u8;
+    for (bit, v) in fields.iter().enumerate() {
+        if v.is_some() {
+            flags |= 1 << bit;
+        }
+    }
+    f.push(flags);
+    for (v, what) in fields
+        .iter()
+        .zip(["idempotency key", "partition key", "content type"])
+    {
+        if let Some(v) = v {
+            let n = u16::try_from(v.len()).map_err(|_| too_long(what))?;
+            f.extend_from_slice(&n.to_be_bytes());
+            f.extend_from_slice(v.as_bytes());
+        }
+    }
+    let count = u16::try_from(m.headers.len()).map_err(|_| too_long("header list"))?;
+    f.extend_from_slice(&count.to_be_bytes());
+    for (name, value) in &m.headers {
+        let n = u16::try_from(name.len()).map_err(|_| too_long("header name"))?;
+        f.extend_from_slice(&n.to_be_bytes());
+        f.extend_from_slice(name.as_bytes());
+        let n = u32::try_from(value.len()).map_err(|_| too_long("header value"))?;
+        f.extend_from_slice(&n.to_be_bytes());
+        f.extend_from_slice(value.as_bytes());
+    }
+    f.extend_from_slice(&m.body);
+    Ok(f)
 }
 
 struct Forget<'a> {

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use openapi::openapi;
 pub use problem::{ApiError, PROBLEM_JSON};
-pub use stream::decode_stream_frame;
+pub use stream::{BINARY_FRAME_VERSION, decode_binary_stream_frame, decode_stream_frame};
 
 /// Default largest request body: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
@@ -638,10 +638,39 @@ pub(crate) fn message_from_json(i: usize, m: BatchMessage) -> Result<PublishMess
             ));
         }
     };
+    build_message(
+        &format!("messages[{i}]"),
+        MessageParts {
+            body,
+            content_type: m.content_type,
+            partition_key: m.partition_key,
+            idempotency_key: m.idempotency_key,
+            headers: m
+                .headers
+                .into_iter()
+                .map(|(n, v)| (n, Bytes::from(v)))
+                .collect(),
+        },
+    )
+}
+
+/// A message to publish as a front-end read it, before the API's rules are applied.
+pub(crate) struct MessageParts {
+    pub(crate) body: Bytes,
+    pub(crate) content_type: Option<String>,
+    pub(crate) partition_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) headers: Vec<(String, Bytes)>,
+}
+
+/// The API's rules for a message, whatever encoding it came in (JSON or a binary
+/// stream frame): keys, if given, are not empty; header names are not empty and are
+/// stored lowercase. `what` names the message in errors.
+pub(crate) fn build_message(what: &str, m: MessageParts) -> Result<PublishMessage, ApiError> {
     let key = |v: Option<String>, field: &str| match v {
         Some(v) if v.is_empty() => Err(ApiError::bad_request(
             "invalid_message",
-            format!("messages[{i}].{field} must not be empty"),
+            format!("{what}.{field} must not be empty"),
         )),
         other => Ok(other.map(Bytes::from)),
     };
@@ -650,13 +679,13 @@ pub(crate) fn message_from_json(i: usize, m: BatchMessage) -> Result<PublishMess
         if name.is_empty() {
             return Err(ApiError::bad_request(
                 "invalid_message",
-                format!("messages[{i}].headers has an empty name"),
+                format!("{what}.headers has an empty name"),
             ));
         }
-        headers.push((name.to_ascii_lowercase(), Bytes::from(value)));
+        headers.push((name.to_ascii_lowercase(), value));
     }
     Ok(PublishMessage {
-        body,
+        body: m.body,
         content_type: m.content_type,
         partition_key: key(m.partition_key, "partition_key")?,
         idempotency_key: key(m.idempotency_key, "idempotency_key")?,

@@ -196,7 +196,7 @@ pub fn openapi() -> Value {
             "/v1/topics/{topic}/messages:stream": {
                 "parameters": [topic_param.clone()],
                 "get": {
-                    "summary": "Upgrade to a WebSocket for pipelined publishing: send text frames {\"id\": <unsigned integer>, \"message\": <a messages:batch element>} without waiting; each is answered once durable (or found duplicate) with {\"id\", \"result\": <publish outcome>} or {\"id\", \"error\": {\"status\", \"code\", \"detail\"}}, in completion order; up to 1024 (and 64 MiB) in flight per socket; closed after 120 s without a frame",
+                    "summary": "Upgrade to a WebSocket for pipelined publishing: send text frames {\"id\": <unsigned integer>, \"message\": <a messages:batch element>}, or binary frames (version byte 1, u64 id, flags, the flagged keys and content type, headers, then the raw body; layout in the carebus-http README), without waiting; each is answered once durable (or found duplicate) with {\"id\", \"result\": <publish outcome>} or {\"id\", \"error\": {\"status\", \"code\", \"detail\"}}, in completion order; up to 1024 (and 64 MiB) in flight per socket; closed after 120 s without a frame",
                     "responses": merge(json!({
                         "101": { "description": "switched to the WebSocket protocol" }
                     }), merge(common.clone(), problem_responses(&[("404", "unknown_topic")])))

@@ -49,6 +49,10 @@ fn topic(server: &Server, name: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn by_id(answers: &[Value], id: u64) -> &Value {
     let found: Vec<&Value> = answers.iter().filter(|a| a["id"] == id).collect();
     assert_eq!(found.len(), 1, "one answer for id {id}: {answers:?}");
@@ -82,6 +86,14 @@ fn an_independent_websocket_client_pipelines_publishes_exactly_once() {
         {"binary": "MSH|binary frame"},
         {"id": 9, "message": {"body_base64": "AAEC/w==", "headers": {"Origin": "ws"}}},
         {"id": 10, "message": {"body": msh("C2"), "idempotency_key": "LIS|C2", "partition_key": "MRN1"}},
+        // Binary frames, encoded by the script: a new message with a body that is not
+        // UTF-8, and a resend of id 2's message (a duplicate across the two encodings).
+        {"binary_message": {"id": 11, "idempotency_key": "DEV|1", "partition_key": "MRN2",
+                            "content_type": "application/octet-stream",
+                            "headers": {"X-Device": "pump 3"}, "body_hex": "00ff0d80"}},
+        {"binary_message": {"id": 12, "idempotency_key": "LIS|C2", "partition_key": "MRN1",
+                            "body_hex": hex(msh("C2").as_bytes())}},
+        {"binary_message": {"id": 13, "idempotency_key": "", "body_hex": "00"}},
     ]);
     let out = Command::new(&py)
         .arg(script())
@@ -101,7 +113,7 @@ fn an_independent_websocket_client_pipelines_publishes_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let answers: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answers.len(), 9, "{answers:?}");
+    assert_eq!(answers.len(), 12, "{answers:?}");
 
     // ids 1 and 3: one stored, one duplicate of it (which one depends on the race).
     let (a, b) = (&by_id(&answers, 1)["result"], &by_id(&answers, 3)["result"]);
@@ -126,6 +138,19 @@ fn an_independent_websocket_client_pipelines_publishes_exactly_once() {
     assert_eq!(c["offset"], d["offset"]);
     assert_ne!(c["duplicate"], d["duplicate"]);
     assert_eq!(by_id(&answers, 9)["result"]["duplicate"], false);
+    let bin = &by_id(&answers, 11)["result"];
+    assert_eq!(
+        (&bin["duplicate"], &bin["durability"]),
+        (&json!(false), &json!("fsynced")),
+        "{bin}"
+    );
+    let resent = &by_id(&answers, 12)["result"];
+    assert_eq!(
+        (&resent["offset"], &resent["duplicate"], &resent["conflict"]),
+        (&c["offset"], &json!(true), &json!(false)),
+        "{resent}"
+    );
+    assert_eq!(by_id(&answers, 13)["error"]["code"], "invalid_message");
 
     assert_eq!(by_id(&answers, 5)["error"]["code"], "invalid_message");
     assert_eq!(by_id(&answers, 5)["error"]["status"], 400);
@@ -139,10 +164,21 @@ fn an_independent_websocket_client_pipelines_publishes_exactly_once() {
     anonymous.sort_unstable();
     assert_eq!(anonymous, ["invalid_frame", "malformed_json"]);
 
-    // What was stored, read back over plain HTTP: three messages, two duplicates.
+    // What was stored, read back over plain HTTP: four messages, three duplicates.
     let t = topic(&server, "ws.lab");
-    assert_eq!(t["published"], 3, "{t}");
-    assert_eq!(t["duplicates"], 2, "{t}");
+    assert_eq!(t["published"], 4, "{t}");
+    assert_eq!(t["duplicates"], 3, "{t}");
+    let (status, body) = curl(&[&server.url(&format!(
+        "/v1/topics/ws.lab/messages/{}/{}",
+        bin["partition"], bin["offset"]
+    ))]);
+    assert_eq!(status, 200, "{body}");
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["body_base64"], "AP8NgA==", "{m}");
+    assert_eq!(m["idempotency_key"], "DEV|1");
+    assert_eq!(m["partition_key"], "MRN2");
+    assert_eq!(m["content_type"], "application/octet-stream");
+    assert_eq!(m["headers"]["x-device"], "pump 3");
     let p = a["partition"].as_u64().unwrap();
     let o = a["offset"].as_u64().unwrap();
     let (status, body) = curl(&[&server.url(&format!("/v1/topics/ws.lab/messages/{p}/{o}"))]);
@@ -198,7 +234,13 @@ fn the_rust_client_keeps_hundreds_of_publishes_in_flight_on_one_socket() {
                             "MSH|^~\\&|A|B|C|D|||ORU^R01|K{i}|P|2.5.1\r"
                         ))
                         .idempotency_key(format!("BULK|{i}"));
-                        stream.publish(&m).await
+                        // Binary frames first; the resends as JSON text frames find
+                        // the same keys stored (one key space, whatever the encoding).
+                        if round == 0 {
+                            stream.publish(&m).await
+                        } else {
+                            stream.publish_json(&m).await
+                        }
                     })
                 })
                 .collect();
@@ -219,6 +261,35 @@ fn the_rust_client_keeps_hundreds_of_publishes_in_flight_on_one_socket() {
         assert_eq!(bad.code(), Some("invalid_message"), "{bad}");
         let t = client.get_topic("ws.bulk").await.unwrap();
         assert_eq!(t.published, 300);
+
+        // A binary frame stores every field, and the body byte for byte (not UTF-8 here).
+        let body = vec![0u8, 0xff, b'\r', 0x80, b'M', b'S', b'H'];
+        let m = carebus_client::Message::new(body.clone())
+            .idempotency_key("BIN|1")
+            .partition_key("MRN7")
+            .content_type("application/octet-stream")
+            .header("X-Origin", "device 4");
+        let o = stream.publish(&m).await.unwrap();
+        assert!(!o.duplicate);
+        let stored = client
+            .read_message("ws.bulk", o.partition, o.offset)
+            .await
+            .unwrap();
+        assert_eq!(stored.body, body);
+        assert_eq!(stored.idempotency_key.as_deref(), Some("BIN|1"));
+        assert_eq!(stored.partition_key.as_deref(), Some("MRN7"));
+        assert_eq!(
+            stored.content_type.as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(
+            stored.headers.get("x-origin").map(String::as_str),
+            Some("device 4")
+        );
+        // The same message as JSON: a duplicate of that copy, not a conflict.
+        let again = stream.publish_json(&m).await.unwrap();
+        assert!(again.duplicate && !again.conflict, "{again:?}");
+        assert_eq!((again.partition, again.offset), (o.partition, o.offset));
     });
     server.terminate();
 }
