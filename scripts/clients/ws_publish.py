@@ -30,12 +30,12 @@ def binary_message(m: dict) -> bytes:
     for v in fields:
         if v is not None:
             raw = v.encode()
-            out += struct.pack(">H", len(raw)) + raw
+            out += struct.pack(">I", len(raw)) + raw
     headers = m.get("headers", {})
-    out += struct.pack(">H", len(headers))
+    out += struct.pack(">I", len(headers))
     for name, value in headers.items():
         n, v = name.encode(), value.encode()
-        out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
+        out += struct.pack(">I", len(n)) + n + struct.pack(">I", len(v)) + v
     return out + bytes.fromhex(m.get("body_hex", ""))
 
 

@@ -23,6 +23,7 @@
 //! ```
 
 mod consumer;
+mod deliveries;
 mod error;
 mod retry;
 mod stream;
@@ -30,7 +31,7 @@ mod types;
 
 use std::time::Duration;
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -298,21 +299,37 @@ impl Client {
         sub: &str,
         options: &ReceiveOptions,
     ) -> Result<Vec<Delivery>, Error> {
-        /// The answer, decoded in one pass (no `Value` tree of up to 1000 bodies).
+        /// The JSON answer, decoded in one pass (no `Value` tree of up to 1000 bodies).
         #[derive(serde::Deserialize)]
         struct Answer {
             deliveries: Vec<Delivery>,
         }
         let wait = Duration::from_millis(options.wait_ms.unwrap_or(0));
-        let answer: Answer = self
-            .send_json(
-                Method::POST,
-                &["v1", "topics", topic, "subscriptions", sub, "receive"],
-                Some(options),
-                Some(self.timeouts.request.max(wait + POLL_MARGIN)),
-            )
-            .await?;
-        Ok(answer.deliveries)
+        let url = self.url(&["v1", "topics", topic, "subscriptions", sub, "receive"])?;
+        // The binary answer carries the bodies as they are; a server that does not
+        // know it answers JSON, which is read as well.
+        let req = self
+            .http
+            .post(url)
+            .header(ACCEPT, deliveries::MEDIA_TYPE)
+            .json(options)
+            .timeout(self.timeouts.request.max(wait + POLL_MARGIN));
+        let (status, media_type, bytes) = self.exchange_typed(req).await?;
+        let binary = media_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case(deliveries::MEDIA_TYPE));
+        let decode_error = |reason: String| Error::Decode {
+            status: status.as_u16(),
+            reason,
+        };
+        if binary {
+            return deliveries::decode(&bytes).map_err(decode_error);
+        }
+        serde_json::from_slice::<Answer>(&bytes)
+            .map(|a| a.deliveries)
+            .map_err(|e| decode_error(e.to_string()))
     }
 
     /// `POST …/{sub}/ack` by delivery ids. Ids the server refuses are listed in the
@@ -538,11 +555,21 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, bytes::Bytes), Error> {
+        let (status, _, bytes) = self.exchange_typed(req).await?;
+        Ok((status, bytes))
+    }
+
+    /// As [`Client::exchange`], also giving the answer's `Content-Type`.
+    async fn exchange_typed(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Option<HeaderValue>, bytes::Bytes), Error> {
         let resp = req.send().await.map_err(|e| self.transport(&e))?;
         let status = resp.status();
+        let media_type = resp.headers().get(CONTENT_TYPE).cloned();
         let bytes = resp.bytes().await.map_err(|e| self.transport(&e))?;
         if status.is_success() {
-            Ok((status, bytes))
+            Ok((status, media_type, bytes))
         } else {
             Err(problem(status, &bytes))
         }

@@ -211,7 +211,7 @@ fn binary_frame(id: u64, m: &Message) -> Result<Vec<u8>, Error> {
         m.partition_key.as_deref(),
         m.content_type.as_deref(),
     ];
-    let heads: usize = m.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+    let heads: usize = m.headers.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
     let mut f = Vec::with_capacity(16 + 3 * 64 + heads + m.body.len());
     f.push(1);
     f.extend_from_slice(&id.to_be_bytes());
@@ -227,15 +227,15 @@ fn binary_frame(id: u64, m: &Message) -> Result<Vec<u8>, Error> {
         .zip(["idempotency key", "partition key", "content type"])
     {
         if let Some(v) = v {
-            let n = u16::try_from(v.len()).map_err(|_| too_long(what))?;
+            let n = u32::try_from(v.len()).map_err(|_| too_long(what))?;
             f.extend_from_slice(&n.to_be_bytes());
             f.extend_from_slice(v.as_bytes());
         }
     }
-    let count = u16::try_from(m.headers.len()).map_err(|_| too_long("header list"))?;
+    let count = u32::try_from(m.headers.len()).map_err(|_| too_long("header list"))?;
     f.extend_from_slice(&count.to_be_bytes());
     for (name, value) in &m.headers {
-        let n = u16::try_from(name.len()).map_err(|_| too_long("header name"))?;
+        let n = u32::try_from(name.len()).map_err(|_| too_long("header name"))?;
         f.extend_from_slice(&n.to_be_bytes());
         f.extend_from_slice(name.as_bytes());
         let n = u32::try_from(value.len()).map_err(|_| too_long("header value"))?;

@@ -268,7 +268,9 @@ pub fn openapi() -> Value {
                     "summary": "Long-poll for deliveries: answers as soon as at least one is available, or after wait_ms with none. An empty body without Content-Type means all defaults.",
                     "requestBody": { "required": false, "content": json_body("ReceiveRequest") },
                     "responses": merge(json!({
-                        "200": { "description": "deliveries (possibly none)", "content": json_body("Deliveries") }
+                        "200": { "description": "deliveries (possibly none); with Accept: application/vnd.carebus.deliveries the binary form of the same answer (layout in the carebus-http README)", "content": merge(json_body("Deliveries"), json!({
+                            "application/vnd.carebus.deliveries": { "schema": { "type": "string", "contentMediaType": "application/vnd.carebus.deliveries" } }
+                        })) }
                     }), merge(sub_errors.clone(), problem_responses(&[
                         ("400", "invalid_consumer, invalid_json, malformed_json"),
                         ("415", "unsupported_media_type")

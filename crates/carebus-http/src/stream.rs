@@ -32,8 +32,8 @@
 //! u8   1                       the format's version
 //! u64  id
 //! u8   flags                   1 = idempotency key, 2 = partition key, 4 = content type
-//! (u16 n, n bytes) × each flagged field, in that order (UTF-8)
-//! u16  header count, then per header: u16 n, n bytes name; u32 n, n bytes value (UTF-8)
+//! (u32 n, n bytes) × each flagged field, in that order (UTF-8)
+//! u32  header count, then per header: u32 n, n bytes name; u32 n, n bytes value (UTF-8)
 //! the rest of the frame        the body
 //! ```
 //!
@@ -149,21 +149,20 @@ fn decode_binary_message(mut buf: Bytes) -> Result<PublishMessage, ApiError> {
         if flags & flag == 0 {
             return Ok(None);
         }
-        let n = buf.try_get_u16().map_err(short(what))?;
-        let b = take(&mut buf, usize::from(n), what)?;
+        let n = buf.try_get_u32().map_err(short(what))?;
+        let b = take(&mut buf, usize::try_from(n).unwrap_or(usize::MAX), what)?;
         utf8(b, what).map(Some)
     };
     let idempotency_key = field(FLAG_IDEMPOTENCY_KEY, "idempotency key")?;
     let partition_key = field(FLAG_PARTITION_KEY, "partition key")?;
     let content_type = field(FLAG_CONTENT_TYPE, "content type")?;
-    let count = buf.try_get_u16().map_err(short("header count"))?;
-    let mut headers = Vec::with_capacity(usize::from(count).min(64));
+    // Each header takes at least 8 bytes, so the count is bounded by the frame's size.
+    let count = buf.try_get_u32().map_err(short("header count"))?;
+    let mut headers = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(64));
     for _ in 0..count {
-        let n = buf.try_get_u16().map_err(short("header name"))?;
-        let name = utf8(
-            take(&mut buf, usize::from(n), "header name")?,
-            "header name",
-        )?;
+        let n = buf.try_get_u32().map_err(short("header name"))?;
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let name = utf8(take(&mut buf, n, "header name")?, "header name")?;
         let n = buf.try_get_u32().map_err(short("header value"))?;
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         let value = take(&mut buf, n, "header value")?;
@@ -506,12 +505,12 @@ mod tests {
             | (u8::from(ctype.is_some()) << 2);
         f.push(flags);
         for v in [idem, part, ctype].into_iter().flatten() {
-            f.extend_from_slice(&u16::try_from(v.len()).unwrap().to_be_bytes());
+            f.extend_from_slice(&u32::try_from(v.len()).unwrap().to_be_bytes());
             f.extend_from_slice(v.as_bytes());
         }
-        f.extend_from_slice(&u16::try_from(headers.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(&u32::try_from(headers.len()).unwrap().to_be_bytes());
         for (n, v) in headers {
-            f.extend_from_slice(&u16::try_from(n.len()).unwrap().to_be_bytes());
+            f.extend_from_slice(&u32::try_from(n.len()).unwrap().to_be_bytes());
             f.extend_from_slice(n.as_bytes());
             f.extend_from_slice(&u32::try_from(v.len()).unwrap().to_be_bytes());
             f.extend_from_slice(v);
@@ -575,7 +574,7 @@ mod tests {
         assert_eq!(decode(&flags).unwrap_err().1.code, "invalid_frame");
         // A key that is not UTF-8.
         let mut bad_key = frame(3, Some("AB"), None, None, &[], b"x");
-        bad_key[12] = 0xff;
+        bad_key[14] = 0xff;
         let (id, e) = decode(&bad_key).unwrap_err();
         assert_eq!((id, e.code), (Some(3), "invalid_frame"));
         // A header value that is not UTF-8.
@@ -588,7 +587,7 @@ mod tests {
         assert_eq!(e.code, "invalid_message");
         // A length beyond the frame.
         let mut long = frame(5, Some("K"), None, None, &[], b"");
-        long[10..12].copy_from_slice(&200u16.to_be_bytes());
+        long[10..14].copy_from_slice(&200u32.to_be_bytes());
         assert_eq!(decode(&long).unwrap_err().1.code, "invalid_frame");
     }
 

@@ -91,6 +91,76 @@ struct DeliveryView {
     message: MessageView,
 }
 
+/// The media type of the binary receive answer (asked for with `Accept`).
+pub const DELIVERIES_MEDIA_TYPE: &str = "application/vnd.carebus.deliveries";
+
+/// Whether the request's `Accept` names the binary receive answer.
+fn wants_binary(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            item.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case(DELIVERIES_MEDIA_TYPE))
+        })
+}
+
+/// A 4-byte big-endian length, then the bytes. (A stored field is far below 4 GiB: a
+/// log record is; anything longer would be cut at the length written, never misframed.)
+fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(bytes.get(..n as usize).unwrap_or_default());
+}
+
+/// The binary receive answer (media type [`DELIVERIES_MEDIA_TYPE`]; layout in the
+/// README): every field as stored, the bodies as they are (no base64, no JSON), keys
+/// and header values byte for byte, repeated headers as separate entries.
+fn deliveries_binary(deliveries: &[Delivery]) -> Vec<u8> {
+    let bodies: usize = deliveries
+        .iter()
+        .map(|d| d.message.body.len())
+        .fold(0usize, usize::saturating_add);
+    let mut out =
+        Vec::with_capacity(bodies.saturating_add(deliveries.len().saturating_mul(128)) + 8);
+    out.push(1);
+    let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for d in deliveries.iter().take(count as usize) {
+        let m = &d.message;
+        out.extend_from_slice(&d.delivery_id.to_be_bytes());
+        out.extend_from_slice(&d.attempt.to_be_bytes());
+        out.extend_from_slice(&m.partition.to_be_bytes());
+        out.extend_from_slice(&m.offset.to_be_bytes());
+        out.extend_from_slice(&m.timestamp_ms.to_be_bytes());
+        let fields = [
+            m.idempotency_key.as_deref(),
+            m.partition_key.as_deref(),
+            m.content_type.as_deref().map(str::as_bytes),
+        ];
+        let flags = fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some())
+            .fold(0u8, |acc, (bit, _)| acc | (1 << bit));
+        out.push(flags);
+        for f in fields.into_iter().flatten() {
+            push_len_prefixed(&mut out, f);
+        }
+        let headers = u32::try_from(m.headers.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&headers.to_be_bytes());
+        for (name, value) in m.headers.iter().take(headers as usize) {
+            push_len_prefixed(&mut out, name.as_bytes());
+            push_len_prefixed(&mut out, value);
+        }
+        push_len_prefixed(&mut out, &m.body);
+    }
+    out
+}
+
 /// The receive answer `{"deliveries":[…]}`, written into one buffer sized up front:
 /// each delivery's fields through serde_json, then its body base64-encoded in place
 /// ([`push_base64_json`]). Before, the body went through a `String` and serde_json's
@@ -340,13 +410,14 @@ pub(crate) async fn receive(
         deliveries = deliveries.len(),
         "received"
     );
-    let answer = deliveries_answer(&deliveries)?;
+    let (answer, media_type) = if wants_binary(&headers) {
+        (deliveries_binary(&deliveries), DELIVERIES_MEDIA_TYPE)
+    } else {
+        (deliveries_answer(&deliveries)?, "application/json")
+    };
     Ok((
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
+        [(header::CONTENT_TYPE, HeaderValue::from_static(media_type))],
         answer,
     )
         .into_response())
@@ -547,25 +618,120 @@ mod tests {
         }
     }
 
-    proptest! {
-        /// The hand-written receive answer is the JSON the serde views give, for any
-        /// bodies, keys and headers (binary, empty, not UTF-8, needing escapes).
-        #[test]
-        fn the_receive_answer_is_the_json_of_the_views(
-            items in proptest::collection::vec(
-                (
-                    proptest::collection::vec(any::<u8>(), 0..1500),
-                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
-                    proptest::collection::vec(("[a-z\"\\\\]{1,6}", proptest::collection::vec(any::<u8>(), 0..12)), 0..3),
+    /// Up to 6 deliveries with any bodies and keys (binary, empty, not UTF-8) and
+    /// headers named by `names`.
+    fn deliveries(names: &'static str) -> impl Strategy<Value = Vec<Delivery>> {
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<u8>(), 0..1500),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                proptest::collection::vec(
+                    (names, proptest::collection::vec(any::<u8>(), 0..12)),
+                    0..3,
                 ),
-                0..6,
-            )
-        ) {
-            let ds: Vec<Delivery> = items
+            ),
+            0..6,
+        )
+        .prop_map(|items| {
+            items
                 .into_iter()
                 .enumerate()
                 .map(|(i, (body, key, headers))| delivery(body, key, headers, i as u64 + 1))
-                .collect();
+                .collect()
+        })
+    }
+
+    /// Reads a binary receive answer back (independently of the writer) into
+    /// (id, attempt, partition, offset, timestamp, keys, content type, headers, body).
+    #[allow(clippy::type_complexity)]
+    fn read_binary(
+        mut b: &[u8],
+    ) -> Vec<(
+        u64,
+        u32,
+        u32,
+        u64,
+        i64,
+        [Option<Vec<u8>>; 3],
+        Vec<(Vec<u8>, Vec<u8>)>,
+        Vec<u8>,
+    )> {
+        fn n<const K: usize>(b: &mut &[u8]) -> [u8; K] {
+            let (head, rest) = b.split_at(K);
+            *b = rest;
+            head.try_into().unwrap()
+        }
+        fn field(b: &mut &[u8]) -> Vec<u8> {
+            let len = u32::from_be_bytes(n::<4>(b)) as usize;
+            let (f, rest) = b.split_at(len);
+            *b = rest;
+            f.to_vec()
+        }
+        assert_eq!(n::<1>(&mut b), [1]);
+        let count = u32::from_be_bytes(n::<4>(&mut b));
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let id = u64::from_be_bytes(n::<8>(&mut b));
+            let attempt = u32::from_be_bytes(n::<4>(&mut b));
+            let partition = u32::from_be_bytes(n::<4>(&mut b));
+            let offset = u64::from_be_bytes(n::<8>(&mut b));
+            let ts = i64::from_be_bytes(n::<8>(&mut b));
+            let [flags] = n::<1>(&mut b);
+            let fields = [1u8, 2, 4].map(|f| (flags & f != 0).then(|| field(&mut b)));
+            let hc = u32::from_be_bytes(n::<4>(&mut b));
+            let headers = (0..hc).map(|_| (field(&mut b), field(&mut b))).collect();
+            let body = field(&mut b);
+            out.push((id, attempt, partition, offset, ts, fields, headers, body));
+        }
+        assert!(b.is_empty(), "{} bytes left", b.len());
+        out
+    }
+
+    #[test]
+    fn accept_picks_the_binary_answer_only_when_named() {
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!wants_binary(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(!wants_binary(&h));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json;q=0.5, Application/Vnd.Carebus.Deliveries"),
+        );
+        assert!(wants_binary(&h));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.carebus.deliveries-other"),
+        );
+        assert!(!wants_binary(&h));
+    }
+
+    proptest! {
+        /// The binary receive answer carries every field of every delivery exactly,
+        /// keys, header values and bodies byte for byte, repeated headers apart.
+        #[test]
+        fn the_binary_receive_answer_carries_every_field(ds in deliveries("[a-z]{1,6}")) {
+            let read = read_binary(&deliveries_binary(&ds));
+            prop_assert_eq!(read.len(), ds.len());
+            for (d, r) in ds.iter().zip(read) {
+                let m = &d.message;
+                prop_assert_eq!((r.0, r.1, r.2, r.3, r.4), (d.delivery_id, d.attempt, m.partition, m.offset, m.timestamp_ms));
+                prop_assert_eq!(&r.5[0], &m.idempotency_key.as_ref().map(|k| k.to_vec()));
+                prop_assert_eq!(&r.5[1], &m.partition_key.as_ref().map(|k| k.to_vec()));
+                prop_assert_eq!(&r.5[2], &m.content_type.as_ref().map(|c| c.as_bytes().to_vec()));
+                let headers: Vec<(Vec<u8>, Vec<u8>)> = m
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+                    .collect();
+                prop_assert_eq!(&r.6, &headers);
+                prop_assert_eq!(&r.7[..], &m.body[..]);
+            }
+        }
+
+        /// The hand-written receive answer is the JSON the serde views give, for any
+        /// bodies, keys and headers (binary, empty, not UTF-8, needing escapes).
+        #[test]
+        fn the_receive_answer_is_the_json_of_the_views(ds in deliveries("[a-z\"\\\\]{1,6}")) {
             let written = deliveries_answer(&ds).unwrap();
             let parsed: Value = serde_json::from_slice(&written).unwrap();
             let reference: Vec<Value> = ds

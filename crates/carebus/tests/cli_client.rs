@@ -142,6 +142,33 @@ async fn reqwest_free_get(url: &str) -> Value {
     serde_json::from_str(body).unwrap()
 }
 
+/// POST a JSON body with a bare TCP request and read the JSON answer (independent of
+/// the client under test; no `Accept`, so the server answers JSON).
+async fn reqwest_free_post(url: &str, body: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
 async fn total(client: &Client, topic: &str) -> u64 {
     client
         .get_topic(topic)
@@ -599,4 +626,88 @@ async fn examples_run_against_a_live_server() {
             .stats;
         assert_eq!((st.acked, st.backlog), (4, 0), "{sub}");
     }
+}
+
+/// The client asks for the binary receive answer; a bare JSON request for the same
+/// delivery (after a nack) must show the same message, field for field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_and_json_receive_answers_carry_the_same_delivery() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let url = server.url();
+    wait_ready(&url).await;
+    let client = Client::new(&url).unwrap();
+    client
+        .put_topic("bin", &TopicConfig::default())
+        .await
+        .unwrap();
+    client
+        .put_subscription("bin", "s", &SubscriptionConfig::default())
+        .await
+        .unwrap();
+    let body = vec![0u8, 0xff, b'\r', b'M', b'S', b'H', 0x80];
+    let sent = Message::new(body.clone())
+        .idempotency_key("BIN|1")
+        .partition_key("MRN9")
+        .content_type("application/octet-stream")
+        .header("X-Origin", "pump 3");
+    let o = client.publish("bin", &sent).await.unwrap();
+    let opts = carebus_client::ReceiveOptions {
+        max: Some(10),
+        wait_ms: Some(5000),
+        consumer: Some("c".into()),
+    };
+    let d = client.receive("bin", "s", &opts).await.unwrap();
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert_eq!(
+        (d.partition, d.offset, d.attempt),
+        (o.partition, o.offset, 1)
+    );
+    assert_eq!(d.body, body);
+    assert_eq!(d.idempotency_key.as_deref(), Some("BIN|1"));
+    assert_eq!(d.partition_key.as_deref(), Some("MRN9"));
+    assert_eq!(d.content_type.as_deref(), Some("application/octet-stream"));
+    assert_eq!(
+        d.headers.get("x-origin").map(String::as_str),
+        Some("pump 3")
+    );
+    assert!(d.timestamp_ms.is_some_and(|t| t > 1_700_000_000_000));
+    let nacked = client
+        .nack("bin", "s", &[d.delivery_id], None, None)
+        .await
+        .unwrap();
+    assert_eq!(nacked.count, 1);
+
+    let receive_url = format!("{url}/v1/topics/bin/subscriptions/s/receive");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let json = loop {
+        let answer = reqwest_free_post(
+            &receive_url,
+            r#"{"max": 10, "wait_ms": 2000, "consumer": "c"}"#,
+        )
+        .await;
+        if let Some(first) = answer["deliveries"].as_array().and_then(|a| a.first()) {
+            break first.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered again after the nack"
+        );
+    };
+    assert_eq!(json["attempt"], 2);
+    assert_eq!(
+        (json["partition"].as_u64(), json["offset"].as_u64()),
+        (Some(u64::from(d.partition)), Some(d.offset))
+    );
+    assert_eq!(json["timestamp_ms"].as_i64(), d.timestamp_ms);
+    let json_body = base64::engine::general_purpose::STANDARD
+        .decode(json["body_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(json_body, d.body);
+    assert_eq!(json["idempotency_key"], "BIN|1");
+    assert_eq!(json["partition_key"], "MRN9");
+    assert_eq!(json["content_type"], "application/octet-stream");
+    assert_eq!(json["headers"]["x-origin"], "pump 3");
 }
