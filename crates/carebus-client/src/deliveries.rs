@@ -40,9 +40,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Decodes a binary receive answer. Headers repeated in the message are joined with
-/// ", " (as in the JSON answer).
-pub(crate) fn decode(mut buf: &[u8]) -> Result<Vec<Delivery>, String> {
+/// Decodes a binary receive answer (`application/vnd.carebus.deliveries`; what
+/// [`Client::receive`](crate::Client::receive) does with it). Headers repeated in the
+/// message are joined with ", " (as in the JSON answer). An answer that is cut short,
+/// padded or of another version is an error saying where.
+pub fn decode(mut buf: &[u8]) -> Result<Vec<Delivery>, String> {
     let version = buf.try_get_u8().map_err(|_| "empty answer".to_owned())?;
     if version != 1 {
         return Err(format!("unknown binary answer version {version}"));

@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub use consumer::{Consumer, ConsumerOptions, ConsumerStats};
+pub use deliveries::decode as decode_binary_deliveries;
 pub use error::Error;
 pub use retry::{Published, Publisher, RetryPolicy, generate_idempotency_key};
 pub use stream::PublishStream;
