@@ -303,7 +303,7 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
     }
 
     type PartitionFigure = fn(&PartitionSnap) -> String;
-    let per_partition: [(&str, &str, &str, PartitionFigure); 7] = [
+    let per_partition: [(&str, &str, &str, PartitionFigure); 8] = [
         (
             "carebus_partition_end_offset",
             "gauge",
@@ -339,6 +339,12 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
             "counter",
             "fdatasync calls of the partition log since it was opened (group commit shares one among many appends).",
             |p| p.stats.fsyncs.to_string(),
+        ),
+        (
+            "carebus_storage_inline_fsyncs_total",
+            "counter",
+            "Of the fdatasync calls, those the log's writer thread made itself for a small group at low load (no hand-off to the syncer thread).",
+            |p| p.stats.inline_syncs.to_string(),
         ),
         (
             "carebus_storage_fsync_seconds_total",

@@ -1104,6 +1104,12 @@ async fn metrics_are_prometheus_text_and_move_with_the_traffic() {
     assert_eq!(value(&m, "carebus_partition_end_offset", &t), 2.0);
     assert!(value(&m, "carebus_partition_log_bytes", &t) > 0.0);
     assert!(value(&m, "carebus_storage_fsyncs_total", &t) >= 1.0);
+    // Publishes one at a time find the log's syncer idle: the writer syncs them itself.
+    let inline = value(&m, "carebus_storage_inline_fsyncs_total", &t);
+    assert!(
+        inline >= 1.0 && inline <= value(&m, "carebus_storage_fsyncs_total", &t),
+        "{inline}"
+    );
     assert!(value(&m, "carebus_storage_fsync_seconds_total", &t) >= 0.0);
     assert_eq!(value(&m, "carebus_storage_records_total", &t), 2.0);
     // The fdatasync histogram: count = fsyncs, +Inf bucket = count, buckets cumulative.
