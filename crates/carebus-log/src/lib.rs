@@ -33,6 +33,7 @@ mod error;
 mod fs_io;
 mod record;
 mod segment;
+mod synced_mark;
 mod verify;
 mod writer;
 
@@ -301,6 +302,8 @@ pub(crate) struct Shared {
     /// Appends submitted and not yet answered.
     pub(crate) in_flight: Arc<AtomicU64>,
     index_cache: Mutex<HashMap<u64, Arc<Vec<IndexEntry>>>>,
+    /// Where the active segment's durable length is recorded after each fdatasync.
+    pub(crate) synced_mark: Option<synced_mark::MarkFile>,
 }
 
 const INDEX_CACHE_SEGMENTS: usize = 64;
@@ -395,7 +398,13 @@ impl Log {
         }
         let (state, report, writer_state) = recover(&dir, &config)?;
         let (visible, _) = watch::channel(report.next_offset);
+        // Recovery left the active segment durable up to its length.
+        let synced_mark = synced_mark::MarkFile::open(&dir);
+        if let Some(m) = &synced_mark {
+            m.record(writer_state.base, writer_state.len);
+        }
         let shared = Arc::new(Shared {
+            synced_mark,
             dir,
             config,
             state: RwLock::new(state),
@@ -947,6 +956,25 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
         config.index_interval_bytes,
     )?;
     report.scanned_bytes = scan.valid_len;
+    // A bad batch inside what an fdatasync had made durable is damage, not a torn
+    // write: cutting it would drop acknowledged records (and later appends would reuse
+    // their offsets). Nothing is changed; the operator decides (see `carebus check`).
+    if let Some(mark) = synced_mark::read(dir).filter(|m| m.segment_base == active_base)
+        && scan.valid_len < mark.len
+    {
+        return Err(LogError::Corrupt {
+            segment: path,
+            position: scan.valid_len,
+            reason: format!(
+                "{} inside the part of the active segment made durable before the last stop \
+                 (up to byte {}); cutting it would drop acknowledged records, so the log is \
+                 not opened (`carebus check` reports it; restore the segment, or delete \
+                 synced.mark in this directory to accept cutting from the bad batch)",
+                scan.stopped_by.as_deref().unwrap_or("unreadable batch"),
+                mark.len
+            ),
+        });
+    }
     if scan.valid_len < len {
         // Zeros after the last batch are preallocated space (or a write whose size
         // reached the disk before its data): nothing was there. Anything else is a

@@ -20,11 +20,14 @@ pub struct VerifyReport {
     pub records: u64,
     /// Bytes of valid batches (and headers).
     pub bytes: u64,
-    /// Problems: a sealed segment with a bad batch (data that would not be served), or
-    /// offsets that do not follow on between segments.
+    /// Problems: a sealed segment with a bad batch (data that would not be served), a
+    /// bad batch in the active segment before its synced mark (acknowledged data
+    /// damaged; the log refuses to open), or offsets that do not follow on between
+    /// segments.
     pub problems: Vec<String>,
-    /// Bytes after the last valid batch of the last segment that are not zeros: a torn
-    /// write that recovery will cut (normal after a crash; not a problem).
+    /// Bytes after the last valid batch of the last segment (and past its synced mark)
+    /// that are not zeros: a torn write that recovery will cut (normal after a crash;
+    /// not a problem).
     pub torn_tail_bytes: u64,
 }
 
@@ -77,8 +80,23 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         expected = Some(scan.next_offset);
         if scan.valid_len < len {
             let damaged = nonzero_extent(&file, &path, scan.valid_len, len)?;
-            if last {
+            // In the last segment a bad batch past the synced mark may be a torn write;
+            // before it, it is damage to data that had been made durable.
+            let synced = crate::synced_mark::read(dir)
+                .filter(|m| m.segment_base == base)
+                .map_or(0, |m| m.len);
+            if last && scan.valid_len >= synced {
                 report.torn_tail_bytes = damaged;
+            } else if last {
+                report.problems.push(format!(
+                    "{}: bad batch at byte {} ({}), inside the part made durable before the last \
+                     stop (up to byte {synced}); records from offset {} on cannot be read, and the \
+                     log will not open until this is repaired",
+                    path.display(),
+                    scan.valid_len,
+                    scan.stopped_by.as_deref().unwrap_or("unreadable"),
+                    scan.next_offset
+                ));
             } else if damaged > 0 {
                 report.problems.push(format!(
                     "{}: bad batch at byte {} ({}); records from offset {} on in this segment cannot be read",

@@ -373,12 +373,17 @@ impl Writer {
         if small && syncer_idle && self.shared.config.fsync == FsyncPolicy::Always {
             // A failed fdatasync poisons the log, and `publish` then answers every
             // appender of the group with the error.
-            let _ = sync_groups(&self.shared, std::slice::from_ref(&group));
+            let synced = sync_groups(&self.shared, std::slice::from_ref(&group));
             self.shared
                 .counters
                 .inline_syncs
                 .fetch_add(1, Ordering::Relaxed);
+            let end = (group.segment_base, group.end_len);
             let _ = publish(&self.shared, vec![group], Durability::Fsynced);
+            // Noted after the answers (off their path); still after the fdatasync.
+            if synced.is_ok() {
+                record_synced(&self.shared, end.0, end.1);
+            }
             return Ok(());
         }
         self.syncer
@@ -479,7 +484,7 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>, done: &AtomicU64) {
         FsyncPolicy::Interval(d) => Some(d),
     };
     // Interval policy: the oldest unsynced write, and the file it went to.
-    let mut dirty: Option<(Instant, Arc<std::fs::File>, PathBuf)> = None;
+    let mut dirty: Option<Dirty> = None;
     // Appends in flight when the last group was answered: the appenders just released
     // are expected back at once, so the next fdatasync briefly waits for them (bounded
     // by half an fdatasync) instead of splitting them into two alternating cohorts.
@@ -488,12 +493,12 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>, done: &AtomicU64) {
     let mut cohort = CohortWait::default();
     loop {
         let first = match (interval, &dirty) {
-            (Some(every), Some((since, _, _))) => {
+            (Some(every), Some(Dirty { since, .. })) => {
                 match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Some((_, file, path)) = dirty.take() {
-                            let _ = fdatasync(&shared, &file, &path);
+                        if let Some(d) = dirty.take() {
+                            let _ = d.sync(&shared);
                         }
                         continue;
                     }
@@ -545,12 +550,18 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>, done: &AtomicU64) {
         let group_count = groups.len() as u64;
         let result = if interval.is_some() {
             if let Some(g) = groups.last() {
-                let since = dirty.as_ref().map_or_else(Instant::now, |d| d.0);
-                dirty = Some((since, Arc::clone(&g.file), g.path.clone()));
+                let since = dirty.as_ref().map_or_else(Instant::now, |d| d.since);
+                dirty = Some(Dirty {
+                    since,
+                    file: Arc::clone(&g.file),
+                    path: g.path.clone(),
+                    segment_base: g.segment_base,
+                    end_len: g.end_len,
+                });
             }
             // A sync request or a roll wants everything on disk.
             let synced = match (barriers.is_empty(), dirty.take()) {
-                (false, Some((_, file, path))) => fdatasync(&shared, &file, &path),
+                (false, Some(d)) => d.sync(&shared),
                 (true, d) => {
                     dirty = d;
                     Ok(())
@@ -565,7 +576,14 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>, done: &AtomicU64) {
             let synced = sync_groups(&shared, &groups);
             last_fsync = started.elapsed();
             population = shared.in_flight.load(Ordering::Acquire);
+            let end = synced_end(&groups);
             let published = publish(&shared, groups, Durability::Fsynced);
+            // Noted after the answers (off their path); still after the fdatasync. A
+            // mark written later by the writer's own sync may land first: the mark is
+            // then older than the data, which it may always be (a lower bound).
+            if let (Ok(()), Some((base, len))) = (&synced, end) {
+                record_synced(&shared, base, len);
+            }
             synced.and(published)
         };
         done.fetch_add(group_count, Ordering::Release);
@@ -573,8 +591,26 @@ fn run_syncer(shared: Arc<Shared>, rx: Receiver<SyncerMsg>, done: &AtomicU64) {
             let _ = b.send(result.as_ref().map(|_| ()).map_err(clone_err));
         }
     }
-    if let Some((_, file, path)) = dirty.take() {
-        let _ = fdatasync(&shared, &file, &path);
+    if let Some(d) = dirty.take() {
+        let _ = d.sync(&shared);
+    }
+}
+
+/// Interval policy: written and not yet synced, since `since`, up to `end_len` of the
+/// segment `segment_base`.
+struct Dirty {
+    since: Instant,
+    file: Arc<std::fs::File>,
+    path: PathBuf,
+    segment_base: u64,
+    end_len: u64,
+}
+
+impl Dirty {
+    fn sync(self, shared: &Shared) -> Result<()> {
+        fdatasync(shared, &self.file, &self.path)?;
+        record_synced(shared, self.segment_base, self.end_len);
+        Ok(())
     }
 }
 
@@ -622,6 +658,19 @@ fn sync_groups(shared: &Shared, groups: &[WrittenGroup]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the last of `groups` ends: what [`record_synced`] notes once they are synced.
+fn synced_end(groups: &[WrittenGroup]) -> Option<(u64, u64)> {
+    groups.last().map(|g| (g.segment_base, g.end_len))
+}
+
+/// Notes in the synced mark that the segment is durable up to `len` bytes (after the
+/// fdatasync that made it so returned).
+fn record_synced(shared: &Shared, segment_base: u64, len: u64) {
+    if let Some(mark) = &shared.synced_mark {
+        mark.record(segment_base, len);
+    }
 }
 
 /// Makes the groups visible to readers and answers their appenders.

@@ -1,5 +1,6 @@
 //! Guards recovery: torn and corrupt tails are cut and reported, bit flips in sealed
-//! segments are errors on read (never data), crashes during a segment roll or an index
+//! segments are errors on read (never data), a bad batch in the active segment before
+//! its synced mark refuses the open (acknowledged data is never cut), crashes during a segment roll or an index
 //! write are repaired, and recovery only scans the active segment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -123,13 +124,16 @@ fn an_open_log_preallocates_and_a_clean_close_trims() {
 }
 
 #[test]
-fn a_bit_flip_in_the_last_batch_of_the_active_segment_drops_exactly_that_batch() {
+fn without_its_synced_mark_a_bit_flip_in_the_last_batch_of_the_active_segment_drops_that_batch() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(dir.path(), cfg()).unwrap();
     fill(&log, 3);
     log.append_blocking(&[Record::new("a"), Record::new("b")])
         .unwrap();
     drop(log);
+    // As after a power loss that lost the mark's write: a bad last batch cannot be told
+    // from a torn write, and is cut.
+    std::fs::remove_file(dir.path().join(SYNCED_MARK)).unwrap();
     let active = files(dir.path(), "log").pop().unwrap();
     let mut bytes = std::fs::read(&active).unwrap();
     let last = bytes.len() - 3;
@@ -139,6 +143,116 @@ fn a_bit_flip_in_the_last_batch_of_the_active_segment_drops_exactly_that_batch()
     assert_eq!(log.next_offset(), 3);
     assert_eq!(report.truncated_records, 2);
     assert!(report.truncation_reason.unwrap().contains("checksum"));
+}
+
+/// The file the log records its active segment's durable length in.
+const SYNCED_MARK: &str = "synced.mark";
+
+#[test]
+fn a_bit_flip_in_synced_data_of_the_active_segment_refuses_to_open_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), cfg()).unwrap();
+    fill(&log, 6);
+    drop(log);
+    assert_eq!(files(dir.path(), "log").len(), 1, "one active segment");
+    let active = files(dir.path(), "log").pop().unwrap();
+    let original = std::fs::read(&active).unwrap();
+    let mark = std::fs::read(dir.path().join(SYNCED_MARK)).unwrap();
+    // A flipped byte in the middle batch, and (separately) in the last one: both were
+    // acknowledged as fsynced, so neither may be cut.
+    for at in [original.len() / 2, original.len() - 3] {
+        let mut damaged = original.clone();
+        damaged[at] ^= 0x04;
+        std::fs::write(&active, &damaged).unwrap();
+        match Log::open(dir.path(), cfg()) {
+            Err(LogError::Corrupt {
+                position, reason, ..
+            }) => {
+                assert!(
+                    position <= at as u64,
+                    "bad batch at {position}, flip at {at}"
+                );
+                assert!(reason.contains("durable"), "{reason}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a log with damaged acknowledged data was opened"),
+        }
+        assert_eq!(
+            std::fs::read(&active).unwrap(),
+            damaged,
+            "the segment was changed"
+        );
+        assert_eq!(std::fs::read(dir.path().join(SYNCED_MARK)).unwrap(), mark);
+        // `carebus check` (verify_dir) names it as damage, not as a torn tail.
+        let v = carebus_log::verify_dir(dir.path()).unwrap();
+        assert!(!v.is_clean(), "{v:?}");
+        assert_eq!(v.torn_tail_bytes, 0);
+        assert!(v.problems[0].contains("durable"), "{:?}", v.problems);
+    }
+    // Repaired (here: the original bytes back), the log opens with every record.
+    std::fs::write(&active, &original).unwrap();
+    assert!(carebus_log::verify_dir(dir.path()).unwrap().is_clean());
+    let (log, report) = Log::open(dir.path(), cfg()).unwrap();
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(log.next_offset(), 6);
+    let recs = log.read(0, 10, usize::MAX).unwrap();
+    assert_eq!(recs.len(), 6);
+    drop(log);
+    // The operator's way to accept the loss instead: without the mark, recovery cuts
+    // from the bad batch and reports what it cut.
+    let original = std::fs::read(&active).unwrap();
+    let mut damaged = original.clone();
+    let at = original.len() / 2;
+    damaged[at] ^= 0x04;
+    std::fs::write(&active, &damaged).unwrap();
+    assert!(Log::open(dir.path(), cfg()).is_err());
+    std::fs::remove_file(dir.path().join(SYNCED_MARK)).unwrap();
+    let (log, report) = Log::open(dir.path(), cfg()).unwrap();
+    assert!(log.next_offset() < 6);
+    // Counted from the bad batch's own header: the batches after it are not parsed.
+    assert!(
+        report.truncated_records >= 1 && report.truncated_bytes > 0,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn a_stale_synced_mark_still_lets_recovery_cut_a_bad_batch_written_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), cfg()).unwrap();
+    fill(&log, 3);
+    // The mark as a power loss may leave it: from an earlier fdatasync.
+    let stale = std::fs::read(dir.path().join(SYNCED_MARK)).unwrap();
+    log.append_blocking(&[Record::new("a"), Record::new("b")])
+        .unwrap();
+    drop(log);
+    std::fs::write(dir.path().join(SYNCED_MARK), &stale).unwrap();
+    let active = files(dir.path(), "log").pop().unwrap();
+    let mut bytes = std::fs::read(&active).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&active, &bytes).unwrap();
+    let (log, report) = Log::open(dir.path(), cfg()).unwrap();
+    assert_eq!(log.next_offset(), 3);
+    assert_eq!(report.truncated_records, 2);
+    // A torn or foreign mark is no mark: the same.
+    drop(log);
+    log_with_garbage_mark_cuts_the_tail(dir.path());
+}
+
+fn log_with_garbage_mark_cuts_the_tail(dir: &Path) {
+    let (log, _) = Log::open(dir, cfg()).unwrap();
+    log.append_blocking(&[Record::new("c")]).unwrap();
+    drop(log);
+    std::fs::write(dir.join(SYNCED_MARK), b"CBSM and then something torn").unwrap();
+    let active = files(dir, "log").pop().unwrap();
+    let mut bytes = std::fs::read(&active).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&active, &bytes).unwrap();
+    let (log, report) = Log::open(dir, cfg()).unwrap();
+    assert_eq!(log.next_offset(), 3);
+    assert_eq!(report.truncated_records, 1);
 }
 
 #[test]

@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
-use common::carebus;
+use common::serve_until_exit;
 
 /// A read-only tmpfs mounted for the test, unmounted on drop.
 struct ReadOnlyTmpfs(PathBuf);
@@ -43,42 +42,6 @@ impl Drop for ReadOnlyTmpfs {
     }
 }
 
-/// Runs `carebus serve` on `data_dir` and waits (bounded) for it to exit.
-fn serve(data_dir: &Path) -> (Output, Duration) {
-    let t0 = Instant::now();
-    let mut child = carebus()
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--no-mllp",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("CAREBUS_LOG", "error")
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "carebus serve on {} still running after 20 s",
-                data_dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let took = t0.elapsed();
-    (child.wait_with_output().unwrap(), took)
-}
-
 #[test]
 fn a_read_only_data_dir_is_a_clear_error_and_a_non_zero_exit() {
     let Some(fs) = ReadOnlyTmpfs::mount() else {
@@ -91,7 +54,7 @@ fn a_read_only_data_dir_is_a_clear_error_and_a_non_zero_exit() {
     assert!(std::fs::write(fs.0.join("probe"), b"x").is_err());
 
     for dir in [fs.0.clone(), fs.0.join("carebus-data")] {
-        let (out, took) = serve(&dir);
+        let (out, took) = serve_until_exit(&dir);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),
@@ -122,7 +85,7 @@ fn a_regular_file_as_data_dir_is_named_as_not_a_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("not-a-directory");
     std::fs::write(&file, b"x").unwrap();
-    let (out, _) = serve(&file);
+    let (out, _) = serve_until_exit(&file);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

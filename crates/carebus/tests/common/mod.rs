@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -170,4 +170,41 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Runs `carebus serve` (HTTP on a free port, no MLLP, error-level logs) on `data_dir`
+/// expecting it to stop on its own: waits at most 20 s, then kills it and panics.
+pub fn serve_until_exit(data_dir: &Path) -> (Output, Duration) {
+    let t0 = Instant::now();
+    let mut child = carebus()
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--no-mllp",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("CAREBUS_LOG", "error")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "carebus serve on {} still running after 20 s",
+                data_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    (child.wait_with_output().unwrap(), took)
 }
