@@ -39,6 +39,9 @@ const INLINE_SYNC_BYTES: usize = 64 * 1024;
 /// or extent update (measured on ext4 here: ~35 % faster than appending to a growing
 /// file; fallocate's unwritten extents measured slower under group commit).
 const PREALLOCATE_BYTES: u64 = 1 << 20;
+/// The zeros written ahead: one static buffer (its pages are the kernel's shared zero
+/// page until written, so nothing is allocated or cleared per preallocation).
+static ZEROS: [u8; PREALLOCATE_BYTES as usize] = [0; PREALLOCATE_BYTES as usize];
 
 struct PendingAppend {
     payload: Vec<u8>,
@@ -243,8 +246,10 @@ impl Writer {
         // `end` is past the allocated end: the data write itself extends the file up
         // to it, and zeros follow.
         if target > end {
-            let zeros = vec![0u8; usize::try_from(target - end).unwrap_or(0)];
-            fs_io::write_all_at(&self.seg.file, &self.seg.path, &zeros, end)
+            // `target - end` is at most PREALLOCATE_BYTES, the length of ZEROS.
+            let n = usize::try_from(target - end).unwrap_or(usize::MAX);
+            let zeros = ZEROS.get(..n).unwrap_or(&ZEROS);
+            fs_io::write_all_at(&self.seg.file, &self.seg.path, zeros, end)
                 .map_err(|e| LogError::io("preallocate", &self.seg.path, e))?;
         }
         self.seg.allocated = target.max(end);
