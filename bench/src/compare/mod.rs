@@ -5,6 +5,7 @@
 
 mod carebus;
 mod chart;
+mod core_driver;
 mod driver;
 mod nats;
 mod procs;
@@ -554,6 +555,21 @@ fn round(
     (m, errors)
 }
 
+/// W4 against carebus-core in this process (the same workload, no HTTP).
+fn w4_in_process(dir: &Path, args: &CompareArgs) -> anyhow::Result<workloads::W4> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (broker, _) = carebus_core::Broker::open(dir, carebus_core::BrokerConfig::default())?;
+    let d: Arc<dyn Driver> = Arc::new(core_driver::CoreDriver::new(Arc::new(broker)));
+    runtime.block_on(workloads::w4(
+        d,
+        "w4",
+        args.w4_rate,
+        Duration::from_secs(args.w4_seconds.max(1)),
+    ))
+}
+
 /// carebus only: the in-process broker core (no HTTP) and MLLP ingest (W6).
 fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &mut Vec<String>) {
     let warm = Duration::from_secs(args.warmup);
@@ -579,6 +595,17 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
                 put_latency(m, &format!("core_{publishers}"), &r.latency_us);
             }
             Err(e) => errors.push(format!("core publish {publishers}: {e:#}")),
+        }
+    }
+    if args.runs("core") {
+        eprintln!(
+            "[carebus] W4 in process (carebus-core, no HTTP) at {}/s for {} s",
+            args.w4_rate, args.w4_seconds
+        );
+        sync_disk();
+        match w4_in_process(&dir.join("w4-core"), args) {
+            Ok(w) => put_w4(m, "w4core", &w, errors),
+            Err(e) => errors.push(format!("W4 in process: {e:#}")),
         }
     }
     for connections in [1usize, 16] {

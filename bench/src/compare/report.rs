@@ -575,6 +575,12 @@ pub fn markdown(i: &Input<'_>) -> String {
                 "w4stream",
             ));
         }
+        if o.key == "carebus" && o.get("w4core.sent").is_some() {
+            s.push_str(&row(
+                "carebus-core in process (no HTTP: where the time goes)",
+                "w4core",
+            ));
+        }
     }
     s.push('\n');
 

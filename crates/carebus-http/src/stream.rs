@@ -86,9 +86,11 @@ enum Pending {
 
 /// The version byte binary frames start with.
 pub const BINARY_FRAME_VERSION: u8 = 1;
-const FLAG_IDEMPOTENCY_KEY: u8 = 1;
-const FLAG_PARTITION_KEY: u8 = 2;
-const FLAG_CONTENT_TYPE: u8 = 4;
+/// Flag bits of the binary formats (publish frames and the binary receive answer):
+/// which optional fields follow.
+pub(crate) const FLAG_IDEMPOTENCY_KEY: u8 = 1;
+pub(crate) const FLAG_PARTITION_KEY: u8 = 2;
+pub(crate) const FLAG_CONTENT_TYPE: u8 = 4;
 
 fn invalid_frame(detail: String) -> ApiError {
     ApiError::bad_request("invalid_frame", detail)

@@ -17,6 +17,7 @@ use carebus_core::{Delivery, SettleRefusal, Subscription, SubscriptionConfig, Su
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::stream::{FLAG_CONTENT_TYPE, FLAG_IDEMPOTENCY_KEY, FLAG_PARTITION_KEY};
 use crate::{
     ApiError, AppState, MessageView, TopicPath, blocking, check_name, json_response, parse_json,
     push_base64_json, query_param, read_body, topic_name,
@@ -141,11 +142,11 @@ fn deliveries_binary(deliveries: &[Delivery]) -> Vec<u8> {
             m.partition_key.as_deref(),
             m.content_type.as_deref().map(str::as_bytes),
         ];
-        let flags = fields
-            .iter()
-            .enumerate()
+        let flags = [FLAG_IDEMPOTENCY_KEY, FLAG_PARTITION_KEY, FLAG_CONTENT_TYPE]
+            .into_iter()
+            .zip(&fields)
             .filter(|(_, f)| f.is_some())
-            .fold(0u8, |acc, (bit, _)| acc | (1 << bit));
+            .fold(0u8, |acc, (flag, _)| acc | flag);
         out.push(flags);
         for f in fields.into_iter().flatten() {
             push_len_prefixed(&mut out, f);
