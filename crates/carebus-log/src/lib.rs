@@ -962,15 +962,19 @@ fn recover(dir: &Path, config: &LogConfig) -> Result<(State, RecoveryReport, Wri
     if let Some(mark) = synced_mark::read(dir).filter(|m| m.segment_base == active_base)
         && scan.valid_len < mark.len
     {
+        let what = match &scan.stopped_by {
+            Some(why) => format!("{why} inside"),
+            // Every batch is good but the file is shorter: truncated, or an older copy.
+            None => "the segment ends (truncated, or replaced by an older copy?) inside".into(),
+        };
         return Err(LogError::Corrupt {
             segment: path,
             position: scan.valid_len,
             reason: format!(
-                "{} inside the part of the active segment made durable before the last stop \
+                "{what} the part of the active segment made durable before the last stop \
                  (up to byte {}); cutting it would drop acknowledged records, so the log is \
                  not opened (`carebus check` reports it; restore the segment, or delete \
                  synced.mark in this directory to accept cutting from the bad batch)",
-                scan.stopped_by.as_deref().unwrap_or("unreadable batch"),
                 mark.len
             ),
         });

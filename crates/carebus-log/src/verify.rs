@@ -78,25 +78,29 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         report.records += scan.next_offset - base;
         report.bytes += scan.valid_len;
         expected = Some(scan.next_offset);
-        if scan.valid_len < len {
+        // In the last segment a bad batch past the synced mark may be a torn write;
+        // before it (or a file that ends before it), it is damage to data that had been
+        // made durable.
+        let synced = crate::synced_mark::read(dir)
+            .filter(|m| last && m.segment_base == base)
+            .map_or(0, |m| m.len);
+        if scan.valid_len < synced {
+            report.problems.push(format!(
+                "{}: {} at byte {}, inside the part made durable before the last stop (up to \
+                 byte {synced}); records from offset {} on cannot be read, and the log will \
+                 not open until this is repaired",
+                path.display(),
+                scan.stopped_by.as_deref().map_or_else(
+                    || "the segment ends (truncated, or an older copy?)".to_owned(),
+                    |why| format!("bad batch ({why})")
+                ),
+                scan.valid_len,
+                scan.next_offset
+            ));
+        } else if scan.valid_len < len {
             let damaged = nonzero_extent(&file, &path, scan.valid_len, len)?;
-            // In the last segment a bad batch past the synced mark may be a torn write;
-            // before it, it is damage to data that had been made durable.
-            let synced = crate::synced_mark::read(dir)
-                .filter(|m| m.segment_base == base)
-                .map_or(0, |m| m.len);
-            if last && scan.valid_len >= synced {
+            if last {
                 report.torn_tail_bytes = damaged;
-            } else if last {
-                report.problems.push(format!(
-                    "{}: bad batch at byte {} ({}), inside the part made durable before the last \
-                     stop (up to byte {synced}); records from offset {} on cannot be read, and the \
-                     log will not open until this is repaired",
-                    path.display(),
-                    scan.valid_len,
-                    scan.stopped_by.as_deref().unwrap_or("unreadable"),
-                    scan.next_offset
-                ));
             } else if damaged > 0 {
                 report.problems.push(format!(
                     "{}: bad batch at byte {} ({}); records from offset {} on in this segment cannot be read",

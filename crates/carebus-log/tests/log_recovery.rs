@@ -217,6 +217,42 @@ fn a_bit_flip_in_synced_data_of_the_active_segment_refuses_to_open_and_changes_n
 }
 
 #[test]
+fn an_active_segment_shorter_than_its_synced_mark_refuses_to_open() {
+    // As when an older copy of the segment is put back (or the file was truncated): every
+    // batch in it is good, but acknowledged records past its end are gone.
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), cfg()).unwrap();
+    fill(&log, 3);
+    drop(log);
+    let active = files(dir.path(), "log").pop().unwrap();
+    let older = std::fs::read(&active).unwrap();
+    let (log, _) = Log::open(dir.path(), cfg()).unwrap();
+    fill(&log, 3);
+    drop(log);
+    assert_eq!(files(dir.path(), "log").pop().unwrap(), active, "no roll");
+    std::fs::write(&active, &older).unwrap();
+    match Log::open(dir.path(), cfg()) {
+        Err(LogError::Corrupt {
+            position, reason, ..
+        }) => {
+            assert_eq!(position, older.len() as u64);
+            assert!(reason.contains("ends"), "{reason}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a log missing acknowledged records was opened"),
+    }
+    let v = carebus_log::verify_dir(dir.path()).unwrap();
+    assert!(!v.is_clean(), "{v:?}");
+    assert!(v.problems[0].contains("ends"), "{:?}", v.problems);
+    assert_eq!(std::fs::read(&active).unwrap(), older);
+    // Accepting the older copy: without the mark it opens with its 3 records.
+    std::fs::remove_file(dir.path().join(SYNCED_MARK)).unwrap();
+    let (log, report) = Log::open(dir.path(), cfg()).unwrap();
+    assert_eq!(log.next_offset(), 3);
+    assert_eq!(report.truncated_bytes, 0);
+}
+
+#[test]
 fn a_stale_synced_mark_still_lets_recovery_cut_a_bad_batch_written_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(dir.path(), cfg()).unwrap();
