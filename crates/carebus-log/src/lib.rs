@@ -10,8 +10,10 @@
 //! * Segments roll at a configurable size; a sparse per-segment index turns a read by
 //!   offset into a seek plus a sequential read.
 //! * Opening a log recovers it: only the last (active) segment is scanned; a torn or
-//!   corrupt tail is truncated and reported. Sealed segments are trusted through their
-//!   index files and verified batch by batch when read.
+//!   corrupt tail past the synced mark (the length the last fdatasync made durable) is
+//!   truncated and reported, while damage before it is refused ([`LogError::Corrupt`])
+//!   rather than cut. Sealed segments are trusted through their index files and
+//!   verified batch by batch when read.
 //! * Retention deletes whole sealed segments by age and by total size.
 //!
 //! The on-disk layout and the fsync order are described in `DESIGN.md` next to this crate.
