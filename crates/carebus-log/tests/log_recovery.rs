@@ -2,7 +2,7 @@
 //! segments are errors on read (never data), a bad batch in the active segment before
 //! its synced mark refuses the open (acknowledged data is never cut), crashes during a segment roll or an index
 //! write are repaired, and recovery only scans the active segment.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -44,6 +44,31 @@ fn append_bytes(path: &Path, bytes: &[u8]) {
         .unwrap()
         .write_all(bytes)
         .unwrap();
+}
+
+/// Flips the bits `mask` of the byte at `at` (counted from the end when negative) of
+/// `path`, and returns the file's new content.
+fn flip(path: &Path, at: isize, mask: u8) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = if at < 0 {
+        bytes.len() - at.unsigned_abs()
+    } else {
+        at.unsigned_abs()
+    };
+    bytes[i] ^= mask;
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// Opens the log expecting recovery to refuse it as damaged: the bad position and why.
+fn expect_refused(dir: &Path) -> (u64, String) {
+    match Log::open(dir, cfg()) {
+        Err(LogError::Corrupt {
+            position, reason, ..
+        }) => (position, reason),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a log missing or with damaged acknowledged records was opened"),
+    }
 }
 
 #[test]
@@ -134,11 +159,7 @@ fn without_its_synced_mark_a_bit_flip_in_the_last_batch_of_the_active_segment_dr
     // As after a power loss that lost the mark's write: a bad last batch cannot be told
     // from a torn write, and is cut.
     std::fs::remove_file(dir.path().join(SYNCED_MARK)).unwrap();
-    let active = files(dir.path(), "log").pop().unwrap();
-    let mut bytes = std::fs::read(&active).unwrap();
-    let last = bytes.len() - 3;
-    bytes[last] ^= 0x10;
-    std::fs::write(&active, &bytes).unwrap();
+    flip(&files(dir.path(), "log").pop().unwrap(), -3, 0x10);
     let (log, report) = Log::open(dir.path(), cfg()).unwrap();
     assert_eq!(log.next_offset(), 3);
     assert_eq!(report.truncated_records, 2);
@@ -161,22 +182,14 @@ fn a_bit_flip_in_synced_data_of_the_active_segment_refuses_to_open_and_changes_n
     // A flipped byte in the middle batch, and (separately) in the last one: both were
     // acknowledged as fsynced, so neither may be cut.
     for at in [original.len() / 2, original.len() - 3] {
-        let mut damaged = original.clone();
-        damaged[at] ^= 0x04;
-        std::fs::write(&active, &damaged).unwrap();
-        match Log::open(dir.path(), cfg()) {
-            Err(LogError::Corrupt {
-                position, reason, ..
-            }) => {
-                assert!(
-                    position <= at as u64,
-                    "bad batch at {position}, flip at {at}"
-                );
-                assert!(reason.contains("durable"), "{reason}");
-            }
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(_) => panic!("a log with damaged acknowledged data was opened"),
-        }
+        std::fs::write(&active, &original).unwrap();
+        let damaged = flip(&active, at as isize, 0x04);
+        let (position, reason) = expect_refused(dir.path());
+        assert!(
+            position <= at as u64,
+            "bad batch at {position}, flip at {at}"
+        );
+        assert!(reason.contains("durable"), "{reason}");
         assert_eq!(
             std::fs::read(&active).unwrap(),
             damaged,
@@ -200,12 +213,8 @@ fn a_bit_flip_in_synced_data_of_the_active_segment_refuses_to_open_and_changes_n
     drop(log);
     // The operator's way to accept the loss instead: without the mark, recovery cuts
     // from the bad batch and reports what it cut.
-    let original = std::fs::read(&active).unwrap();
-    let mut damaged = original.clone();
-    let at = original.len() / 2;
-    damaged[at] ^= 0x04;
-    std::fs::write(&active, &damaged).unwrap();
-    assert!(Log::open(dir.path(), cfg()).is_err());
+    flip(&active, (original.len() / 2) as isize, 0x04);
+    expect_refused(dir.path());
     std::fs::remove_file(dir.path().join(SYNCED_MARK)).unwrap();
     let (log, report) = Log::open(dir.path(), cfg()).unwrap();
     assert!(log.next_offset() < 6);
@@ -231,16 +240,9 @@ fn an_active_segment_shorter_than_its_synced_mark_refuses_to_open() {
     drop(log);
     assert_eq!(files(dir.path(), "log").pop().unwrap(), active, "no roll");
     std::fs::write(&active, &older).unwrap();
-    match Log::open(dir.path(), cfg()) {
-        Err(LogError::Corrupt {
-            position, reason, ..
-        }) => {
-            assert_eq!(position, older.len() as u64);
-            assert!(reason.contains("ends"), "{reason}");
-        }
-        Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("a log missing acknowledged records was opened"),
-    }
+    let (position, reason) = expect_refused(dir.path());
+    assert_eq!(position, older.len() as u64);
+    assert!(reason.contains("ends"), "{reason}");
     let v = carebus_log::verify_dir(dir.path()).unwrap();
     assert!(!v.is_clean(), "{v:?}");
     assert!(v.problems[0].contains("ends"), "{:?}", v.problems);
@@ -263,11 +265,7 @@ fn a_stale_synced_mark_still_lets_recovery_cut_a_bad_batch_written_after_it() {
         .unwrap();
     drop(log);
     std::fs::write(dir.path().join(SYNCED_MARK), &stale).unwrap();
-    let active = files(dir.path(), "log").pop().unwrap();
-    let mut bytes = std::fs::read(&active).unwrap();
-    let last = bytes.len() - 3;
-    bytes[last] ^= 0x10;
-    std::fs::write(&active, &bytes).unwrap();
+    flip(&files(dir.path(), "log").pop().unwrap(), -3, 0x10);
     let (log, report) = Log::open(dir.path(), cfg()).unwrap();
     assert_eq!(log.next_offset(), 3);
     assert_eq!(report.truncated_records, 2);
@@ -281,11 +279,7 @@ fn log_with_garbage_mark_cuts_the_tail(dir: &Path) {
     log.append_blocking(&[Record::new("c")]).unwrap();
     drop(log);
     std::fs::write(dir.join(SYNCED_MARK), b"CBSM and then something torn").unwrap();
-    let active = files(dir, "log").pop().unwrap();
-    let mut bytes = std::fs::read(&active).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    std::fs::write(&active, &bytes).unwrap();
+    flip(&files(dir, "log").pop().unwrap(), -1, 0x01);
     let (log, report) = Log::open(dir, cfg()).unwrap();
     assert_eq!(log.next_offset(), 3);
     assert_eq!(report.truncated_records, 1);

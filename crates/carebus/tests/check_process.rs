@@ -31,6 +31,15 @@ fn build(dir: &std::path::Path) -> std::path::PathBuf {
     part
 }
 
+/// `carebus check --data-dir DIR` (text output), run to its end.
+fn check(data_dir: &std::path::Path) -> std::process::Output {
+    carebus()
+        .args(["check", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
 fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -67,11 +76,7 @@ fn check_reports_damage_in_sealed_segments_and_passes_intact_data() {
         .open(segs.last().unwrap())
         .unwrap();
     std::io::Write::write_all(&mut tail, &[9u8; 10]).unwrap();
-    let out = carebus()
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = check(dir.path());
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("unfinished write"));
 
@@ -81,11 +86,7 @@ fn check_reports_damage_in_sealed_segments_and_passes_intact_data() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x20;
     std::fs::write(first, &bytes).unwrap();
-    let out = carebus()
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = check(dir.path());
     assert_eq!(out.status.code(), Some(7));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -155,11 +156,7 @@ fn damaged_acknowledged_data_in_the_active_segment_stops_serve_instead_of_being_
         "serve changed the damaged segment"
     );
 
-    let out = carebus()
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = check(dir.path());
     assert_eq!(out.status.code(), Some(7));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, carebus, curl};
+use common::{Server, carebus, curl, serve_until_exit};
 
 #[test]
 fn serve_answers_health_and_readiness_and_stops_cleanly_on_sigterm() {
@@ -168,17 +168,7 @@ fn a_config_file_fills_what_flags_and_environment_leave_at_their_defaults() {
 #[test]
 fn a_data_dir_that_cannot_be_used_is_a_clear_error_and_a_non_zero_exit() {
     // /proc does not allow creating directories, even for root.
-    let out = carebus()
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--no-mllp",
-            "--data-dir",
-            "/proc/carebus-data",
-        ])
-        .output()
-        .unwrap();
+    let (out, _) = serve_until_exit(std::path::Path::new("/proc/carebus-data"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/proc/carebus-data"), "{stderr}");
@@ -186,17 +176,7 @@ fn a_data_dir_that_cannot_be_used_is_a_clear_error_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let out = carebus()
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--no-mllp",
-            "--data-dir",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let (out, _) = serve_until_exit(&file);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-dir"));
 }
