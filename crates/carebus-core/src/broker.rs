@@ -479,10 +479,17 @@ impl TopicRuntime {
         let Ok(_serial) = self.dedup_maintenance.lock() else {
             return;
         };
-        // Bounded: a job takes all pending work; a few more rounds catch what arrived.
-        for _ in 0..8 {
+        // Bounded: a job takes all pending work; a few more rounds catch what arrived
+        // meanwhile, and only while more is due.
+        for round in 0..8 {
             let job = match self.dedup.lock() {
-                Ok(mut d) => d.begin_maintenance(carebus_log::now_ms()),
+                Ok(mut d) => {
+                    let now = carebus_log::now_ms();
+                    if round > 0 && !d.maintenance_due(now) {
+                        return;
+                    }
+                    d.begin_maintenance(now)
+                }
                 Err(_) => return,
             };
             let job = match job {

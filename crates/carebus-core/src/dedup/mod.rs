@@ -762,8 +762,14 @@ impl DedupIndex {
             }
         }
         // A checkpoint, and a spill (which persists runs), need every entry below the
-        // replay positions in the runs: freeze the buffer with the positions.
-        let snapshot = if checkpoint || self.memory_bytes() > self.budget {
+        // replay positions in the runs: freeze the buffer with the positions. Memory
+        // over the budget asks for a spill only when there is something a spill can
+        // move to disk (entries in the live buffer or resident runs): what is left over
+        // the budget then (the buffers' own capacity, disk runs' sparse indexes) no
+        // job can lower, and a snapshot for it would only rewrite the manifest.
+        let spill_wanted = self.memory_bytes() > self.budget
+            && (self.buffer.len() > 0 || !self.levels.resident.is_empty());
+        let snapshot = if checkpoint || spill_wanted {
             if self.buffer.len() > 0 {
                 let fresh = self.fresh_buffer();
                 let full = std::mem::replace(&mut self.buffer, fresh);
@@ -1145,9 +1151,9 @@ mod tests {
         assert!(jobs > 0, "the maintainer took work");
         let mut idx = Arc::try_unwrap(idx).unwrap().into_inner().unwrap();
         // Drained as the broker drains it: while work is due, in a bounded number of
-        // rounds. (`begin_maintenance` alone hands out a job whenever memory is over
-        // budget, even with nothing left to sort: an unbounded `while let` on it hung
-        // once in a clean-clone CI run.)
+        // rounds. (`begin_maintenance` used to hand out a job whenever memory was over
+        // budget, even with nothing left to spill, and an unbounded `while let` on it
+        // hung once in a clean-clone CI run; see the test below.)
         for _ in 0..64 {
             if !idx.maintenance_due(10) {
                 break;
@@ -1172,6 +1178,47 @@ mod tests {
             assert_eq!(
                 idx.candidates(&i.to_le_bytes(), 10).unwrap(),
                 vec![entry(0, i, 10)]
+            );
+        }
+    }
+
+    #[test]
+    fn memory_over_a_budget_no_job_can_lower_asks_for_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        // A budget below the live buffer's own capacity: over it even when empty.
+        let (mut idx, _) = DedupIndex::open(dir.path(), config(1)).unwrap();
+        idx.defer_maintenance(u64::MAX);
+        assert!(idx.memory_bytes() > 1);
+        assert!(
+            idx.begin_maintenance(10).unwrap().is_none(),
+            "an empty index has nothing to spill"
+        );
+        for i in 0..100u64 {
+            idx.insert(&i.to_le_bytes(), entry(3, i, 10)).unwrap();
+        }
+        let manifests = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+        // Entries in the live buffer: one job freezes, sorts and spills them.
+        let job = idx
+            .begin_maintenance(10)
+            .unwrap()
+            .expect("a spill is wanted");
+        let done = job.run();
+        idx.finish_maintenance(done).unwrap();
+        assert!(idx.levels.resident.is_empty(), "spilled to disk");
+        assert!(idx.disk_runs() >= 1);
+        assert!(idx.memory_bytes() > 1, "still over: the buffer's capacity");
+        let files = manifests(dir.path());
+        for _ in 0..3 {
+            assert!(
+                idx.begin_maintenance(10).unwrap().is_none(),
+                "nothing left that a job could move to disk"
+            );
+        }
+        assert_eq!(manifests(dir.path()), files, "no files rewritten");
+        for i in (0..100u64).step_by(7) {
+            assert_eq!(
+                idx.candidates(&i.to_le_bytes(), 10).unwrap(),
+                vec![entry(3, i, 10)]
             );
         }
     }
