@@ -211,7 +211,7 @@ struct ServeArgs {
     mllp_tls: Option<carebus_server::MllpTls>,
     /// A TOML file with any of the settings below (keys: data_dir, http_addr,
     /// mllp_addr, mllp (true/false), fsync, max_body_bytes, http_max_connections,
-    /// http_header_timeout_ms), and `[[mllp_egress]]`
+    /// http_header_timeout_ms, worker_threads), and `[[mllp_egress]]`
     /// tables (topic, subscription, destination, connections, ack_timeout_ms,
     /// on_negative_ack = "dead_letter" | "retry"). Precedence: command-line flag, then
     /// environment variable, then this file, then the built-in default.
@@ -248,6 +248,22 @@ struct ServeArgs {
     /// body that pauses this long is answered 408 `body_timeout`.
     #[arg(long, default_value_t = 30_000, env = "CAREBUS_HTTP_HEADER_TIMEOUT_MS", value_parser = parse_positive_u64)]
     http_header_timeout_ms: u64,
+    /// Threads running the network front-ends (HTTP, WebSocket, MLLP). Default: one
+    /// fewer than the CPUs available, at least 1, since each partition's log writes and
+    /// fsyncs on threads of its own.
+    #[arg(long, env = "CAREBUS_WORKER_THREADS", value_parser = parse_positive)]
+    worker_threads: Option<usize>,
+}
+
+/// The default of `--worker-threads`: one fewer than the CPUs available, at least 1.
+/// The log's writer and syncer threads do the disk work off the async runtime; on a
+/// small machine a runtime worker per CPU left them competing with a second worker
+/// that mostly woke up to steal (measured on 2 vCPUs: BENCHMARKS.md).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -404,6 +420,7 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     http_max_connections: Option<usize>,
     http_header_timeout_ms: Option<u64>,
+    worker_threads: Option<usize>,
     /// `[[mllp_egress]]` tables: subscriptions delivered to MLLP destinations.
     #[serde(default)]
     mllp_egress: Vec<EgressFile>,
@@ -622,6 +639,14 @@ fn apply_config_file(
         );
         args.http_header_timeout_ms = v;
     }
+    if let (true, Some(v)) = (defaulted("worker_threads"), file.worker_threads) {
+        anyhow::ensure!(
+            v > 0,
+            "worker_threads in {} must be at least 1",
+            path.display()
+        );
+        args.worker_threads = Some(v);
+    }
     Ok(args)
 }
 
@@ -641,6 +666,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mllp_ingress: args.mllp_ingress.clone(),
         mllp_tls: args.mllp_tls.clone(),
     };
+    let worker_threads = args.worker_threads.unwrap_or_else(default_worker_threads);
     // The effective configuration (it holds no secrets).
     tracing::info!(
         config_file = %args.config.as_deref().map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
@@ -651,6 +677,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes = config.max_body_bytes,
         http_max_connections = args.http_max_connections,
         http_header_timeout_ms = args.http_header_timeout_ms,
+        worker_threads,
         "starting carebus"
     );
     let limits = carebus_server::HttpLimits {
@@ -659,6 +686,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let data_dir = config.data_dir.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, carebus, curl, serve_until_exit};
+use common::{Server, carebus, curl, serve_until_exit, starting_log_line};
 
 #[test]
 fn serve_answers_health_and_readiness_and_stops_cleanly_on_sigterm() {
@@ -119,38 +119,10 @@ fn a_config_file_fills_what_flags_and_environment_leave_at_their_defaults() {
     assert_eq!(server.terminate().code(), Some(0));
 
     // The effective configuration is logged at start.
-    {
-        use std::io::{BufRead, BufReader};
-        let mut child = carebus()
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--mllp-addr",
-                "127.0.0.1:0",
-                "--config",
-                cfg,
-                "--data-dir",
-            ])
-            .arg(dir.path().join("d"))
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let started = lines
-            .take(50)
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-            .find(|v| v["fields"]["message"] == "starting carebus")
-            .expect("no 'starting carebus' log line");
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(started["fields"]["max_body_bytes"], 100);
-        assert_eq!(started["fields"]["fsync"], "50ms");
-        assert_eq!(started["fields"]["config_file"], cfg);
-    }
+    let started = starting_log_line(&dir.path().join("d"), &["--config", cfg], &[]);
+    assert_eq!(started["fields"]["max_body_bytes"], 100);
+    assert_eq!(started["fields"]["fsync"], "50ms");
+    assert_eq!(started["fields"]["config_file"], cfg);
 
     // An unknown key or a missing file is a clear error and a non-zero exit.
     std::fs::write(&file, "max_body_bytez = 1\n").unwrap();
@@ -163,6 +135,53 @@ fn a_config_file_fills_what_flags_and_environment_leave_at_their_defaults() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the config file"));
+}
+
+#[test]
+fn worker_threads_come_from_flag_environment_or_file_and_default_to_one_fewer_than_the_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("carebus.toml");
+    std::fs::write(&file, "worker_threads = 3\n").unwrap();
+    let cfg = file.to_str().unwrap();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let workers = |extra: &[&str], env: &[(&str, &str)]| {
+        starting_log_line(&dir.path().join("d"), extra, env)["fields"]["worker_threads"].clone()
+    };
+    assert_eq!(workers(&[], &[]), cpus.saturating_sub(1).max(1));
+    assert_eq!(workers(&["--config", cfg], &[]), 3);
+    assert_eq!(
+        workers(&["--config", cfg], &[("CAREBUS_WORKER_THREADS", "5")]),
+        5
+    );
+    assert_eq!(
+        workers(
+            &["--config", cfg, "--worker-threads", "2"],
+            &[("CAREBUS_WORKER_THREADS", "5")]
+        ),
+        2
+    );
+
+    // One worker serves HTTP and MLLP as usual.
+    let server = Server::start(&dir.path().join("e"), &["--worker-threads", "1"]);
+    server.wait_status("/readyz", 200, Duration::from_secs(30));
+    let (code, body) = publish_200_bytes(&server);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Zero is refused, on the command line and in the file.
+    let out = carebus()
+        .args(["serve", "--worker-threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&file, "worker_threads = 0\n").unwrap();
+    let out = carebus().args(["serve", "--config", cfg]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("worker_threads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

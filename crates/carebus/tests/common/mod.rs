@@ -208,3 +208,38 @@ pub fn serve_until_exit(data_dir: &Path) -> (Output, Duration) {
     let took = t0.elapsed();
     (child.wait_with_output().unwrap(), took)
 }
+
+/// Starts `carebus serve` with JSON logs, returns its "starting carebus" log line (the
+/// effective configuration) and kills it.
+pub fn starting_log_line(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
+    let mut child = carebus()
+        .envs(env.iter().copied())
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mllp-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines
+        .take(50)
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|v| v["fields"]["message"] == "starting carebus");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    started.expect("no 'starting carebus' log line")
+}
