@@ -25,6 +25,27 @@ pub fn carebus() -> Command {
     Command::new(env!("CARGO_BIN_EXE_carebus"))
 }
 
+/// `carebus serve` with JSON logs on free ports (HTTP and MLLP), `data_dir`, `extra`
+/// arguments and `env`.
+pub fn serve_command(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = carebus();
+    command
+        .envs(env.iter().copied())
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mllp-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra);
+    command
+}
+
 impl Server {
     /// Starts the server on a free port with JSON logs and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
@@ -33,20 +54,7 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables.
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = carebus()
-            .envs(env.iter().copied())
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--mllp-addr",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
+        let mut child = serve_command(data_dir, extra, env)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -212,24 +220,11 @@ pub fn serve_until_exit(data_dir: &Path) -> (Output, Duration) {
 /// Starts `carebus serve` with JSON logs, returns its "starting carebus" log line (the
 /// effective configuration) and kills it.
 pub fn starting_log_line(
-    data_dir: &std::path::Path,
+    data_dir: &Path,
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> serde_json::Value {
-    let mut child = carebus()
-        .envs(env.iter().copied())
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--mllp-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
+    let mut child = serve_command(data_dir, extra, env)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
