@@ -14,6 +14,8 @@ use crate::types::{BatchMessage, Message, Outcome};
 
 /// Frames queued for the socket's writer before `publish` waits.
 const QUEUED_FRAMES: usize = 1024;
+/// Bytes the WebSocket reads at most per read (see [`PublishStream::connect`]).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Outcome, Error>>>>>;
 
@@ -61,18 +63,23 @@ struct ReplyError {
 impl PublishStream {
     /// Opens the stream (`url` is the `ws://…/messages:stream` address).
     pub(crate) async fn connect(url: String) -> Result<PublishStream, Error> {
-        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(response) => {
-                    let body = response.body().as_deref().unwrap_or_default();
-                    crate::problem(response.status(), body)
-                }
-                other => Error::Connect {
-                    url: url.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+        // Answers are small: a 16 KiB read holds hundreds of them, and tungstenite
+        // zero-fills the read size before every read (its default is 128 KiB).
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES);
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
+                .await
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(response) => {
+                        let body = response.body().as_deref().unwrap_or_default();
+                        crate::problem(response.status(), body)
+                    }
+                    other => Error::Connect {
+                        url: url.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
         let (mut sink, mut source) = socket.split();
         let (frames, mut queued) = mpsc::channel::<Frame>(QUEUED_FRAMES);
         let waiting: Waiting = Arc::default();

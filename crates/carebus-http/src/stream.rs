@@ -86,6 +86,13 @@ enum Pending {
 
 /// The version byte binary frames start with.
 pub const BINARY_FRAME_VERSION: u8 = 1;
+/// What the WebSocket reads from the socket at most per read. tungstenite zero-fills
+/// this much of its buffer before every read, including reads that find nothing yet
+/// (its default, 128 KiB, was a visible share of the server's CPU at one message in
+/// flight: `bench/profiles/`); frames larger than this still arrive whole, over several
+/// reads.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 /// Flag bits of the binary formats (publish frames and the binary receive answer):
 /// which optional fields follow.
 pub(crate) const FLAG_IDEMPOTENCY_KEY: u8 = 1;
@@ -250,6 +257,7 @@ pub(crate) async fn publish_stream(
     Ok(upgrade
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| run(socket, broker, name)))
 }
 
