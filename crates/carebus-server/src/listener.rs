@@ -653,9 +653,25 @@ mod tests {
         assert!(second.is_ok(), "the waiting connection was not accepted");
     }
 
-    /// Sends `GET /` on a keep-alive connection and reads the answer's head and body.
-    async fn get(c: &mut TcpStream) -> io::Result<String> {
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    /// An axum server answering `GET /` with "ok" behind a listener with `max_connections`
+    /// and a 30 s head timeout.
+    async fn serve_ok(
+        max_connections: usize,
+    ) -> (tokio::task::JoinHandle<io::Result<()>>, SocketAddr) {
+        let limits = HttpLimits {
+            max_connections,
+            header_timeout: Duration::from_secs(30),
+        };
+        let (listener, addr) = pair(limits).await;
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        (
+            tokio::spawn(async move { axum::serve(listener, app).await }),
+            addr,
+        )
+    }
+
+    /// Reads an answer up to its "ok" body.
+    async fn read_ok(c: &mut TcpStream) -> io::Result<String> {
         let mut answer = Vec::new();
         let mut buf = [0u8; 512];
         while !answer.ends_with(b"ok") {
@@ -666,6 +682,12 @@ mod tests {
             answer.extend_from_slice(&buf[..n]);
         }
         Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    /// Sends `GET /` on a keep-alive connection and reads the answer.
+    async fn get(c: &mut TcpStream) -> io::Result<String> {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+        read_ok(c).await
     }
 
     /// Whether the server closes `c` (end of stream) within `within`.
@@ -679,13 +701,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_bound_idle_keep_alive_connections_make_room_for_waiting_ones() {
-        let limits = HttpLimits {
-            max_connections: 2,
-            header_timeout: Duration::from_secs(30),
-        };
-        let (listener, addr) = pair(limits).await;
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (server, addr) = serve_ok(2).await;
 
         let mut a = TcpStream::connect(addr).await.unwrap();
         let mut b = TcpStream::connect(addr).await.unwrap();
@@ -728,29 +744,18 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_bound_a_connection_in_the_middle_of_a_head_is_not_closed_early() {
-        let limits = HttpLimits {
-            max_connections: 1,
-            header_timeout: Duration::from_secs(30),
-        };
-        let (listener, addr) = pair(limits).await;
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (server, addr) = serve_ok(1).await;
         let mut a = TcpStream::connect(addr).await.unwrap();
         a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let _waiting = TcpStream::connect(addr).await.unwrap();
         // A head has begun on `a`: it is a request in progress, not an idle connection.
         assert!(!closed_within(&mut a, IDLE_GRACE_WHEN_CROWDED * 2).await);
         a.write_all(b"Host: x\r\n\r\n").await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 512];
-        while !answer.ends_with(b"ok") {
-            let n = tokio::time::timeout(Duration::from_secs(5), a.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed before answering");
-            answer.extend_from_slice(&buf[..n]);
-        }
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_ok(&mut a))
+            .await
+            .expect("no answer within 5 s")
+            .expect("closed before answering");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         server.abort();
     }
 }
