@@ -310,6 +310,10 @@ impl GuardedStream {
         self.head_deadline = None;
         self.grace_deadline = None;
         let _ = self.head_late(cx);
+        // Likewise the crowding signal: when the answer came after an await (a publish
+        // waiting for its fsync), hyper's last read was polled before this write, and it
+        // may not read again until the client sends; the signal must wake it to give way.
+        let _ = self.gives_way(cx);
     }
 
     /// Whether this connection, idle between requests (`awaiting_head`, no byte of the
@@ -658,12 +662,29 @@ mod tests {
     async fn serve_ok(
         max_connections: usize,
     ) -> (tokio::task::JoinHandle<io::Result<()>>, SocketAddr) {
+        serve_ok_after(max_connections, Duration::ZERO).await
+    }
+
+    /// Like [`serve_ok`], the answer given `delay` after the request (as a publish
+    /// answers after its fsync).
+    async fn serve_ok_after(
+        max_connections: usize,
+        delay: Duration,
+    ) -> (tokio::task::JoinHandle<io::Result<()>>, SocketAddr) {
         let limits = HttpLimits {
             max_connections,
             header_timeout: Duration::from_secs(30),
         };
         let (listener, addr) = pair(limits).await;
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                "ok"
+            }),
+        );
         (
             tokio::spawn(async move { axum::serve(listener, app).await }),
             addr,
@@ -739,6 +760,50 @@ mod tests {
         );
         // The connection that got the slot keeps it while it is in use.
         assert!(get(&mut c).await.unwrap().starts_with("HTTP/1.1 200"));
+        server.abort();
+    }
+
+    /// The case the benchmark hit: answers that come after an await (hyper polled its
+    /// last read before the answer was written), and connections idle for less than the
+    /// grace when another starts to wait. Each must give way when its grace ends.
+    #[tokio::test]
+    async fn at_the_bound_connections_answered_after_an_await_give_way_when_their_grace_ends() {
+        let (server, addr) = serve_ok_after(3, Duration::from_millis(20)).await;
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            assert!(get(&mut c).await.unwrap().starts_with("HTTP/1.1 200"));
+            idle.push(c);
+        }
+        // Two connections wait, each with a request already sent.
+        let t0 = Instant::now();
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            waiting.push(c);
+        }
+        for c in &mut waiting {
+            let answer = tokio::time::timeout(Duration::from_secs(10), read_ok(c))
+                .await
+                .expect("a waiting connection was not served within 10 s")
+                .unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        assert!(
+            t0.elapsed() < IDLE_GRACE_WHEN_CROWDED * 3,
+            "{:?}",
+            t0.elapsed()
+        );
+        let mut closed = 0;
+        for c in &mut idle {
+            if closed_within(c, Duration::from_millis(100)).await {
+                closed += 1;
+            }
+        }
+        assert!(closed >= 2, "only {closed} idle connections gave way");
         server.abort();
     }
 

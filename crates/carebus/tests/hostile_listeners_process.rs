@@ -1341,3 +1341,93 @@ fn http_limits_come_from_flags_environment_and_the_config_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A client pool that opened more connections than `--http-max-connections`, each
+/// with a fresh publish (answered after its fsync): the requests on the connections
+/// waiting in the accept queue are served within a few seconds, because the accepted
+/// connections, idle after their answers, give way after their grace (1 s) — not after
+/// the 30 s header timeout. Every message is stored once.
+#[test]
+fn at_the_bound_idle_connections_give_way_to_waiting_publishes() {
+    const BOUND: usize = 4;
+    const WAITING: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--http-max-connections", &BOUND.to_string()],
+    );
+    server.wait_status("/readyz", 200, Duration::from_secs(30));
+    let mut setup = connect(server.addr, Duration::from_secs(10));
+    let r = request(
+        &mut setup,
+        "PUT",
+        "/v1/topics/crowd",
+        &[("content-type", "application/json")],
+        br#"{"partitions":1}"#,
+    )
+    .unwrap();
+    assert!(r.status == 200 || r.status == 201, "{}", r.status);
+    drop(setup);
+
+    let publish = |s: &mut TcpStream, i: usize| {
+        let key = format!("crowd-{i}");
+        request(
+            s,
+            "POST",
+            "/v1/topics/crowd/messages",
+            &[("idempotency-key", &key)],
+            format!("message {i}").as_bytes(),
+        )
+    };
+    // Fill the bound with keep-alive connections, each answered 201 and then idle.
+    // (The setup connection's slot frees when the server sees it closed: retry once.)
+    let mut idle = Vec::new();
+    for i in 0..BOUND {
+        let mut s = connect(server.addr, Duration::from_secs(30));
+        let r = publish(&mut s, i).unwrap();
+        assert_eq!(r.status, 201, "publish {i}");
+        idle.push(s);
+    }
+    let t0 = Instant::now();
+    let mut waiting = Vec::new();
+    for i in BOUND..BOUND + WAITING {
+        let mut s = connect(server.addr, Duration::from_secs(30));
+        let key = format!("crowd-{i}");
+        let body = format!("message {i}");
+        let req = format!(
+            "POST /v1/topics/crowd/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             idempotency-key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        waiting.push(s);
+    }
+    for (i, s) in waiting.iter_mut().enumerate() {
+        let r = read_reply(s).unwrap_or_else(|e| panic!("waiting publish {i}: {e}"));
+        assert_eq!(r.status, 201, "waiting publish {i}");
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "waiting publishes served after {took:?} (the header timeout is 30 s)"
+    );
+    let mut gave_way = 0;
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        if matches!(s.read(&mut buf), Ok(0)) {
+            gave_way += 1;
+        }
+    }
+    assert!(
+        gave_way >= WAITING,
+        "only {gave_way} idle connections gave way"
+    );
+    let mut check = connect(server.addr, Duration::from_secs(30));
+    let r = request(&mut check, "GET", "/v1/topics/crowd", &[], b"").unwrap();
+    assert_eq!(r.json()["published"], (BOUND + WAITING) as u64);
+    assert_eq!(r.json()["duplicates"], 0);
+    drop(check);
+    assert_eq!(server.terminate().code(), Some(0));
+}
