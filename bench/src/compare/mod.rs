@@ -57,7 +57,7 @@ pub struct CompareArgs {
     /// Seconds of each W1 measurement (and of the carebus-only path measurements).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Seconds of publishing before each W1 measurement counts.
+    /// Seconds of publishing before each W1 and W4 measurement counts.
     #[arg(long, default_value_t = 1)]
     pub warmup: u64,
     /// W2: unique messages (plus 10 % resends); W3 drains what W2 stored.
@@ -277,10 +277,11 @@ fn put_w4(m: &mut Metrics, p: &str, w: &workloads::W4, errors: &mut Vec<String>)
     if let Some(e) = &w.first_error {
         errors.push(format!(
             "{p}: {} of {} publishes failed (first: {e})",
-            w.failed, w.sent
+            w.failed,
+            w.warmup_sent + w.sent
         ));
     }
-    m.insert(format!("{p}.received"), w.drain.received as f64);
+    m.insert(format!("{p}.received"), w.received() as f64);
     put_latency(m, p, &w.drain.latency_us);
     put_latency(m, &format!("{p}ack"), &w.ack_latency_us);
 }
@@ -473,6 +474,7 @@ async fn w4(
         Arc::clone(d),
         "w4",
         args.w4_rate,
+        Duration::from_secs(args.warmup),
         Duration::from_secs(args.w4_seconds.max(1)),
     )
     .await
@@ -490,6 +492,7 @@ async fn w4(
             streaming,
             "w4stream",
             args.w4_rate,
+            Duration::from_secs(args.warmup),
             Duration::from_secs(args.w4_seconds.max(1)),
         )
         .await
@@ -566,6 +569,7 @@ fn w4_in_process(dir: &Path, args: &CompareArgs) -> anyhow::Result<workloads::W4
         d,
         "w4",
         args.w4_rate,
+        Duration::from_secs(args.warmup),
         Duration::from_secs(args.w4_seconds.max(1)),
     ))
 }

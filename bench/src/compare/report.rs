@@ -542,13 +542,16 @@ pub fn markdown(i: &Input<'_>) -> String {
     let _ = writeln!(
         s,
         "## W4 end-to-end latency at a fixed rate\n\n\
-         {} msg/s for {} s (open loop: {} messages per 1 ms tick, each publish its own \
-         task); one consumer receives and acks; latency = time the message was received \
-         (before its ack) − send time stamped in the body (ms); the publish side alone = \
-         publish → its acknowledgement.\n\n\
+         {} msg/s for {} s, measured after {} s of warm-up at the same rate (not counted: \
+         it warms connections and the topic, as W1's warm-up does) (open loop: {} messages \
+         per 1 ms tick, each publish its own task); one consumer receives and acks; \
+         latency = time the message was received (before its ack) − send time stamped in \
+         the body (ms); the publish side alone = publish → its acknowledgement; received = \
+         measured messages the consumer got.\n\n\
          | system | durability | achieved msgs/s | received | publishes failed | p50 / p99 / p999 ms | publish → ack p50 / p99 / p999 ms |\n|---|---|---:|---:|---:|---|---|",
         count(i.args.w4_rate as f64),
         i.args.w4_seconds,
+        i.args.warmup,
         (i.args.w4_rate / 1000).max(1)
     );
     for o in os {

@@ -88,6 +88,8 @@ pub async fn w1(
 #[derive(Debug)]
 pub struct Drain {
     pub received: u64,
+    /// Of those, messages with no send time stamped in the body (W4's warm-up).
+    pub unstamped: u64,
     pub distinct: u64,
     /// From the start to the last message received.
     pub elapsed: Duration,
@@ -120,6 +122,7 @@ pub async fn drain(
         tasks.push(tokio::spawn(async move {
             let mut keys = Vec::new();
             let mut hist = Histogram::<u64>::new(3)?;
+            let mut unstamped = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let got = c.receive_ack(100, Duration::from_millis(100)).await?;
                 if got.bodies.is_empty() {
@@ -128,8 +131,10 @@ pub async fn drain(
                 // Latency ends when the messages were received (before their ack).
                 let now = got.at_ns;
                 for b in &got.bodies {
-                    if let Some(t) = sent_ns(b).filter(|&t| t > 0 && t <= now) {
-                        hist.record(((now - t) / 1000).max(1))?;
+                    match sent_ns(b) {
+                        Some(t) if t > 0 && t <= now => hist.record(((now - t) / 1000).max(1))?,
+                        Some(t) if t > 0 => {}
+                        _ => unstamped += 1,
                     }
                     keys.push(control_id(b).map_or(0, key_hash));
                 }
@@ -137,7 +142,7 @@ pub async fn drain(
                 last_ns.fetch_max(now_ns(), Ordering::Relaxed);
             }
             c.finish().await?;
-            Ok::<_, anyhow::Error>((keys, hist))
+            Ok::<_, anyhow::Error>((keys, hist, unstamped))
         }));
     }
     let t0 = Instant::now();
@@ -160,13 +165,16 @@ pub async fn drain(
     stop.store(true, Ordering::Relaxed);
     let mut distinct = HashSet::new();
     let mut hist = Histogram::<u64>::new(3)?;
+    let mut unstamped = 0;
     for t in tasks {
-        let (keys, h) = t.await??;
+        let (keys, h, u) = t.await??;
         distinct.extend(keys);
         hist.add(h)?;
+        unstamped += u;
     }
     Ok(Drain {
         received: count.load(Ordering::Relaxed),
+        unstamped,
         distinct: distinct.len() as u64,
         elapsed: Duration::from_nanos(last_ns.load(Ordering::Relaxed).saturating_sub(start_ns)),
         timed_out,
@@ -277,9 +285,13 @@ pub async fn w2_w3(
 #[derive(Debug)]
 pub struct W4 {
     pub target_rate: u64,
+    /// Measured messages sent (after the warm-up).
     pub sent: u64,
+    /// Warm-up messages sent first at the same rate (not measured; their bodies carry
+    /// no send time, so the consumer leaves them out of the latency).
+    pub warmup_sent: u64,
     /// Publishes that failed (e.g. the client's ack timeout when the system falls behind
-    /// the rate), and the first such error.
+    /// the rate), warm-up included, and the first such error.
     pub failed: u64,
     pub first_error: Option<String>,
     pub send_elapsed: Duration,
@@ -289,40 +301,58 @@ pub struct W4 {
     pub drain: Drain,
 }
 
-pub async fn w4(
-    d: Arc<dyn Driver>,
+impl W4 {
+    /// Measured messages the consumer received (warm-up ones left out).
+    pub fn received(&self) -> u64 {
+        self.drain.received.saturating_sub(self.drain.unstamped)
+    }
+}
+
+/// Publishes sent at a fixed rate, each its own task.
+struct Paced {
+    sent: u64,
+    failed: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+    acks: Histogram<u64>,
+}
+
+/// Sends `total` messages at `rate` (`rate / 1000` per 1 ms tick), each publish its own
+/// task (open loop: a slow answer does not slow the sending). Keys are
+/// `{prefix}{n:010}`; with `stamped`, each body carries its send time.
+async fn paced(
+    d: &Arc<dyn Driver>,
     topic: &str,
     rate: u64,
-    duration: Duration,
-) -> anyhow::Result<W4> {
-    d.setup(topic, &["s".to_owned()]).await?;
-    let total = rate * duration.as_secs().max(1);
-    let consumer = d.consumer(topic, "s", "c0").await?;
-    let receiver = tokio::spawn(drain(
-        vec![consumer],
-        total,
-        Duration::from_millis(500),
-        duration + Duration::from_secs(30),
-    ));
+    total: u64,
+    prefix: &'static str,
+    stamped: bool,
+) -> anyhow::Result<Paced> {
     let per_tick = (rate / 1000).max(1);
     let limit = Arc::new(tokio::sync::Semaphore::new(4096));
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    let mut sent = 0u64;
+    let mut p = Paced {
+        sent: 0,
+        failed: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        acks: Histogram::<u64>::new(3)?,
+    };
     let mut pending = Vec::new();
-    let (mut failed, mut first_error) = (0u64, None);
-    let mut acks = Histogram::<u64>::new(3)?;
     let start = Instant::now();
-    while sent < total {
+    while p.sent < total {
         ticker.tick().await;
-        for _ in 0..per_tick.min(total - sent) {
-            sent += 1;
+        for _ in 0..per_tick.min(total - p.sent) {
+            p.sent += 1;
+            let n = p.sent;
             let permit = Arc::clone(&limit).acquire_owned().await?;
-            let d = Arc::clone(&d);
+            let d = Arc::clone(d);
             let topic = topic.to_owned();
             pending.push(tokio::spawn(async move {
-                let key = format!("W4-{sent:010}");
+                let key = format!("{prefix}{n:010}");
                 let t0 = Instant::now();
-                let r = d.publish(&topic, &key, oru(&key, now_ns())).await;
+                let at = if stamped { now_ns() } else { 0 };
+                let r = d.publish(&topic, &key, oru(&key, at)).await;
                 let took = t0.elapsed();
                 drop(permit);
                 r.map(|_| took)
@@ -334,35 +364,62 @@ pub async fn w4(
                 .into_iter()
                 .partition(tokio::task::JoinHandle::is_finished);
             for t in done {
-                match t.await? {
-                    Ok(took) => record(&mut acks, took)?,
-                    Err(e) => {
-                        failed += 1;
-                        first_error.get_or_insert_with(|| format!("{e:#}"));
-                    }
-                }
+                p.reap(t.await?)?;
             }
             pending = rest;
         }
     }
-    let send_elapsed = start.elapsed();
+    p.elapsed = start.elapsed();
     for t in pending {
-        match t.await? {
-            Ok(took) => record(&mut acks, took)?,
+        p.reap(t.await?)?;
+    }
+    Ok(p)
+}
+
+impl Paced {
+    fn reap(&mut self, r: anyhow::Result<Duration>) -> anyhow::Result<()> {
+        match r {
+            Ok(took) => record(&mut self.acks, took)?,
             Err(e) => {
-                failed += 1;
-                first_error.get_or_insert_with(|| format!("{e:#}"));
+                self.failed += 1;
+                self.first_error.get_or_insert_with(|| format!("{e:#}"));
             }
         }
+        Ok(())
     }
+}
+
+/// W4: a consumer receives while messages are published at `rate` for `warmup`
+/// (not measured: warms the connections, the pool and the topic, as W1's warm-up
+/// does), then for `duration` (measured: publish → receive and publish → ack).
+pub async fn w4(
+    d: Arc<dyn Driver>,
+    topic: &str,
+    rate: u64,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<W4> {
+    d.setup(topic, &["s".to_owned()]).await?;
+    let total = rate * duration.as_secs().max(1);
+    let warm = rate * warmup.as_secs();
+    let consumer = d.consumer(topic, "s", "c0").await?;
+    let receiver = tokio::spawn(drain(
+        vec![consumer],
+        warm + total,
+        Duration::from_millis(500),
+        warmup + duration + Duration::from_secs(30),
+    ));
+    let w = paced(&d, topic, rate, warm, "W4-warm-", false).await?;
+    let m = paced(&d, topic, rate, total, "W4-", true).await?;
     let drain = receiver.await??;
     Ok(W4 {
         target_rate: rate,
-        sent,
-        failed,
-        first_error,
-        send_elapsed,
-        ack_latency_us: acks,
+        sent: m.sent,
+        warmup_sent: w.sent,
+        failed: w.failed + m.failed,
+        first_error: w.first_error.or(m.first_error),
+        send_elapsed: m.elapsed,
+        ack_latency_us: m.acks,
         drain,
     })
 }
