@@ -732,16 +732,23 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     };
     if !args.strace_only {
         disks.push(measure_disk("start of the run")?);
-        for o in &mut outcomes {
-            let Some(kind) = o.kind.clone() else {
+        for o in &outcomes {
+            if o.kind.is_none() {
                 eprintln!(
                     "[{}] skipped: {}",
                     o.key,
                     o.skipped.clone().unwrap_or_default()
                 );
-                continue;
-            };
-            for r in 0..args.rounds.max(1) {
+            }
+        }
+        // Rounds interleave the systems (round 0 of each, then round 1 of each, …), so
+        // that a slow spell of the shared host or its disk falls on every system
+        // alike, not on whichever ran first.
+        for r in 0..args.rounds.max(1) {
+            for o in &mut outcomes {
+                let Some(kind) = o.kind.clone() else {
+                    continue;
+                };
                 let dir = work.path().join(format!("{}-{r}", o.key));
                 let (m, errors) = round(&rt, &kind, &o.key, &dir, &args);
                 o.rounds.push(m);
@@ -750,6 +757,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
                 // Free the space of this round's data before the next.
                 let _ = std::fs::remove_dir_all(&dir);
             }
+        }
+        for o in &mut outcomes {
             o.median = median(&o.rounds);
         }
         // Again at the end: the virtual disk's latency moves (other work on the host),

@@ -337,8 +337,8 @@ pub fn markdown(i: &Input<'_>) -> String {
     let _ = writeln!(s, "# carebus vs peer brokers — run of {}\n", i.stamp);
     let _ = writeln!(
         s,
-        "Command: `carebus-bench {}` ({} round(s) per system, each on a new server; \
-         figures are medians over rounds). Whole run: {:.0} s.\n",
+        "Command: `carebus-bench {}` ({} round(s) per system, each on a new server, \
+         rounds interleaved across the systems; figures are medians over rounds). Whole run: {:.0} s.\n",
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         i.args.rounds.max(1),
         i.elapsed.as_secs_f64()
