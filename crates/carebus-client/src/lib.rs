@@ -189,16 +189,47 @@ impl Client {
 
     // ----- publish and read -----
 
-    /// `POST /v1/topics/{topic}/messages`: one message, one attempt.
+    /// `POST /v1/topics/{topic}/messages`: one message, one attempt — except that a
+    /// message with an idempotency key is sent once more, at once, when the connection
+    /// closed before the answer was complete. That is the race every HTTP/1.1 client
+    /// meets with a pooled keep-alive connection that the server closes as the request
+    /// goes out (carebus closes idle connections at its connection bound, and after the
+    /// header timeout); the key makes the second send safe (a duplicate if the first
+    /// was stored). For retries with backoff use [`Publisher`].
     pub async fn publish(&self, topic: &str, message: &Message) -> Result<Outcome, Error> {
+        self.publish_attempt(topic, message, true).await
+    }
+
+    /// One publish; with `resend_on_close`, the one immediate resend of [`Client::publish`].
+    pub(crate) async fn publish_attempt(
+        &self,
+        topic: &str,
+        message: &Message,
+        resend_on_close: bool,
+    ) -> Result<Outcome, Error> {
         let url = self.url(&["v1", "topics", topic, "messages"])?;
         let headers = publish_headers(message)?;
-        let req = self
-            .http
-            .post(url)
-            .headers(headers)
-            .body(message.body.clone());
-        self.execute(req).await
+        let request = || {
+            self.http
+                .post(url.clone())
+                .headers(headers.clone())
+                .body(message.body.clone())
+        };
+        let resp = match request().send().await {
+            Err(e)
+                if resend_on_close
+                    && message.idempotency_key.is_some()
+                    && closed_before_answer(&e) =>
+            {
+                request().send().await
+            }
+            sent => sent,
+        };
+        let (status, _, bytes) = self.answer(resp).await?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
+            status: status.as_u16(),
+            reason: e.to_string(),
+        })
     }
 
     /// `POST /v1/topics/{topic}/messages:batch`: all stored or none (one partition).
@@ -565,7 +596,15 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Option<HeaderValue>, bytes::Bytes), Error> {
-        let resp = req.send().await.map_err(|e| self.transport(&e))?;
+        self.answer(req.send().await).await
+    }
+
+    /// The answer to a sent request: its status, `Content-Type` and body on success.
+    async fn answer(
+        &self,
+        sent: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<(StatusCode, Option<HeaderValue>, bytes::Bytes), Error> {
+        let resp = sent.map_err(|e| self.transport(&e))?;
         let status = resp.status();
         let media_type = resp.headers().get(CONTENT_TYPE).cloned();
         let bytes = resp.bytes().await.map_err(|e| self.transport(&e))?;
@@ -656,6 +695,29 @@ impl Transaction {
 }
 
 /// The headers of a single publish.
+/// Whether the connection was closed or reset under the request before its answer was
+/// complete (hyper's "connection closed before message completed", or a reset or
+/// broken pipe: the request reached a socket the server had just closed).
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            })
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 fn publish_headers(m: &Message) -> Result<HeaderMap, Error> {
     let value = |what: &str, v: &str| {
         HeaderValue::from_str(v).map_err(|_| {

@@ -166,7 +166,7 @@ impl Publisher {
         let (outcome, attempts) = self
             .policy
             .run(
-                |_| self.client.publish(topic, message),
+                |_| self.client.publish_attempt(topic, message, false),
                 |n, err, delay| {
                     tracing::warn!(
                         topic,

@@ -175,6 +175,59 @@ async fn publisher_retries_with_one_generated_key() {
     assert!(sent.idempotency_key.starts_with("cbc-"));
 }
 
+/// A connection closed before the answer (the server closing an idle keep-alive
+/// connection as the request goes out): a keyed publish is sent once more at once, a
+/// publish without a key is not (it could be stored twice), and a second close is an
+/// error.
+#[tokio::test]
+async fn publish_with_a_key_is_sent_once_more_when_the_connection_closes_first() {
+    let (url, seen) = mock(Box::new(|_, i| match i {
+        0 => Reply::Drop,
+        _ => Reply::Json(201, outcome(false)),
+    }))
+    .await;
+    let client = Client::new(&url).unwrap();
+    let out = client
+        .publish("lab", &Message::new("OBX|1").idempotency_key("LAB|1"))
+        .await
+        .unwrap();
+    assert!(!out.duplicate);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        for s in seen.iter() {
+            assert_eq!(s.headers["idempotency-key"], "LAB|1");
+            assert_eq!(s.body, b"OBX|1");
+        }
+    }
+
+    let (url, seen) = mock(Box::new(|_, i| match i {
+        0 => Reply::Drop,
+        _ => Reply::Json(201, outcome(false)),
+    }))
+    .await;
+    let err = Client::new(&url)
+        .unwrap()
+        .publish("lab", &Message::new("OBX|1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "a keyless publish was resent"
+    );
+
+    let (url, seen) = mock(Box::new(|_, _| Reply::Drop)).await;
+    let err = Client::new(&url)
+        .unwrap()
+        .publish("lab", &Message::new("OBX|1").idempotency_key("LAB|2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert_eq!(seen.lock().unwrap().len(), 2, "resent more than once");
+}
+
 #[tokio::test]
 async fn publisher_keeps_the_callers_key_and_does_not_retry_4xx() {
     let (url, seen) = mock(Box::new(|_, _| {
