@@ -259,7 +259,9 @@ pub struct TopicRuntime {
     dedup_maintenance: Mutex<()>,
     /// Set by an insert that left maintenance due; a publisher then starts a job.
     dedup_maintenance_wanted: AtomicBool,
-    dedup_maintenance_running: AtomicBool,
+    /// Set while a maintenance job is out; cleared only once the job has let go of this
+    /// runtime (see [`MaintenanceJob`]), so that dropping the broker can wait for it.
+    dedup_maintenance_running: Arc<AtomicBool>,
     /// Fingerprints of keys being published: a second publish of a key waits for the
     /// first to be indexed (see `publish`).
     keys_in_flight: Arc<KeysInFlight>,
@@ -328,7 +330,7 @@ impl TopicRuntime {
             dedup: Mutex::new(dedup),
             dedup_maintenance: Mutex::new(()),
             dedup_maintenance_wanted: AtomicBool::new(false),
-            dedup_maintenance_running: AtomicBool::new(false),
+            dedup_maintenance_running: Arc::default(),
             keys_in_flight: Arc::default(),
             round_robin: AtomicU32::new(0),
             new_data: Notify::new(),
@@ -459,11 +461,16 @@ impl TopicRuntime {
         {
             return;
         }
-        let rt = Arc::clone(self);
+        let job = MaintenanceJob {
+            rt: Some(Arc::clone(self)),
+            running: Arc::clone(&self.dedup_maintenance_running),
+        };
         let work = move || {
-            rt.dedup_maintenance_wanted.store(false, Ordering::Release);
-            rt.run_dedup_maintenance();
-            rt.dedup_maintenance_running.store(false, Ordering::Release);
+            if let Some(rt) = &job.rt {
+                rt.dedup_maintenance_wanted.store(false, Ordering::Release);
+                rt.run_dedup_maintenance();
+            }
+            drop(job);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -1488,11 +1495,40 @@ impl Broker {
     }
 }
 
+/// A dedup maintenance job's hold on its topic: dropped when the job ends (or is
+/// dropped unrun, e.g. by a runtime shutting down), it lets go of the runtime first and
+/// then clears the running flag.
+struct MaintenanceJob {
+    rt: Option<Arc<TopicRuntime>>,
+    running: Arc<AtomicBool>,
+}
+
+impl Drop for MaintenanceJob {
+    fn drop(&mut self) {
+        drop(self.rt.take());
+        self.running.store(false, Ordering::Release);
+    }
+}
+
+/// Longest a dropped broker waits for a running dedup maintenance job to finish.
+const MAINTENANCE_WAIT_ON_DROP: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Ok(runtimes) = self.runtimes.read() {
             for rt in runtimes.values() {
                 rt.close_subscriptions();
+            }
+            // A maintenance job holds its topic (and so the partition logs and their
+            // directory locks) on a blocking thread: wait for it, so that the data
+            // directory can be opened again as soon as the broker is dropped.
+            let started = std::time::Instant::now();
+            for rt in runtimes.values() {
+                while rt.dedup_maintenance_running.load(Ordering::Acquire)
+                    && started.elapsed() < MAINTENANCE_WAIT_ON_DROP
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
         }
     }
