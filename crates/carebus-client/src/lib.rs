@@ -226,10 +226,7 @@ impl Client {
             sent => sent,
         };
         let (status, _, bytes) = self.answer(resp).await?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
-            status: status.as_u16(),
-            reason: e.to_string(),
-        })
+        decode(status, &bytes)
     }
 
     /// `POST /v1/topics/{topic}/messages:batch`: all stored or none (one partition).
@@ -576,10 +573,7 @@ impl Client {
 
     async fn execute<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, Error> {
         let (status, bytes) = self.exchange(req).await?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
-            status: status.as_u16(),
-            reason: e.to_string(),
-        })
+        decode(status, &bytes)
     }
 
     /// Sends the request; a success status gives its body, anything else an error.
@@ -694,7 +688,14 @@ impl Transaction {
     }
 }
 
-/// The headers of a single publish.
+/// A successful answer's JSON body as `T`.
+fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+        status: status.as_u16(),
+        reason: e.to_string(),
+    })
+}
+
 /// Whether the connection was closed or reset under the request before its answer was
 /// complete (hyper's "connection closed before message completed", or a reset or
 /// broken pipe: the request reached a socket the server had just closed).
@@ -718,6 +719,7 @@ fn closed_before_answer(e: &reqwest::Error) -> bool {
     false
 }
 
+/// The headers of a single publish.
 fn publish_headers(m: &Message) -> Result<HeaderMap, Error> {
     let value = |what: &str, v: &str| {
         HeaderValue::from_str(v).map_err(|_| {
