@@ -127,7 +127,7 @@ impl Driver for CarebusDriver {
 
     fn publish<'a>(&'a self, topic: &'a str, key: &'a str, body: Bytes) -> BoxFut<'a, bool> {
         Box::pin(async move {
-            let m = Message::new(body.to_vec()).idempotency_key(key);
+            let m = Message::new(Vec::from(body)).idempotency_key(key);
             let o = self.client.publish(topic, &m).await?;
             self.duplicate(key, &o)
         })
@@ -251,7 +251,7 @@ pub async fn batch_publish(
                     .map(|_| {
                         seq += 1;
                         let key = format!("B-{t:03}-{seq:010}");
-                        Message::new(oru(&key, 0).to_vec()).idempotency_key(key)
+                        Message::new(Vec::from(oru(&key, 0))).idempotency_key(key)
                     })
                     .collect();
                 let t0 = Instant::now();
@@ -325,7 +325,7 @@ impl Driver for StreamDriver {
 
     fn publish<'a>(&'a self, topic: &'a str, key: &'a str, body: Bytes) -> BoxFut<'a, bool> {
         Box::pin(async move {
-            let m = Message::new(body.to_vec()).idempotency_key(key);
+            let m = Message::new(Vec::from(body)).idempotency_key(key);
             let o = self.stream(topic).await?.publish(&m).await?;
             self.inner.duplicate(key, &o)
         })

@@ -92,6 +92,16 @@ impl PublishStream {
                 while ok && let Ok(next) = queued.try_recv() {
                     ok = sink.feed(next).await.is_ok();
                 }
+                // A burst of answers wakes many publishers at once, and their frames
+                // arrive one by one: let the tasks already woken run once before
+                // writing, so the burst goes out in one write instead of one each
+                // (measured at 256 in flight: ~3 frames per write without this).
+                if ok {
+                    tokio::task::yield_now().await;
+                    while ok && let Ok(next) = queued.try_recv() {
+                        ok = sink.feed(next).await.is_ok();
+                    }
+                }
                 if !ok || sink.flush().await.is_err() {
                     fail_all(
                         &writer_waiting,
