@@ -93,6 +93,7 @@ pub fn run(
         fsyncs: after.fsyncs - before.fsyncs,
         fsync_micros: after.fsync_micros - before.fsync_micros,
         inline_syncs: after.inline_syncs - before.inline_syncs,
+        fill_syncs: after.fill_syncs - before.fill_syncs,
         bytes_written: after.bytes_written - before.bytes_written,
     };
     Ok(AppendRun {

@@ -252,6 +252,9 @@ pub struct LogStats {
     /// Of `fsyncs`, those the writer thread made itself for a small group that found
     /// the syncer idle (low load), skipping the hand-off to the syncer thread.
     pub inline_syncs: u64,
+    /// fdatasyncs of zeros the writer filled ahead of the data while idle (not in
+    /// `fsyncs`: no append waited for them).
+    pub fill_syncs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -263,6 +266,8 @@ pub(crate) struct Counters {
     pub(crate) fsync_micros: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) inline_syncs: AtomicU64,
+    /// fdatasyncs of the zeros filled ahead while the writer was idle (not in `fsyncs`).
+    pub(crate) fill_syncs: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -587,6 +592,7 @@ impl Log {
             records: c.records.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             inline_syncs: c.inline_syncs.load(Ordering::Relaxed),
+            fill_syncs: c.fill_syncs.load(Ordering::Relaxed),
             fsync_micros: c.fsync_micros.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
         }

@@ -403,3 +403,58 @@ async fn join_appends(
     }
     acks
 }
+
+#[test]
+fn an_idle_writer_fills_ahead_of_the_data_and_a_reopen_keeps_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = dir.path().join("00000000000000000000.log");
+    let (log, _) = Log::open(dir.path(), LogConfig::default()).unwrap();
+    // ~300 KiB of data: past the first fill's first chunks, so the idle writer fills on.
+    let body = "x".repeat(1000);
+    let batches: Vec<Vec<Record>> = (0..30u64)
+        .map(|b| {
+            (0..10)
+                .map(|i| Record::new(format!("{}-{body}", b * 10 + i)))
+                .collect()
+        })
+        .collect();
+    for batch in &batches {
+        log.append_blocking(batch).unwrap();
+    }
+    let data_end = log.stats().bytes_written;
+    let mut filled = log.stats();
+    for _ in 0..1000 {
+        filled = log.stats();
+        let size = std::fs::metadata(&segment).unwrap().len();
+        if filled.fill_syncs > 0 && size >= data_end + (1 << 20) - (128 << 10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(filled.fill_syncs > 0, "{filled:?}");
+    let size = std::fs::metadata(&segment).unwrap().len();
+    assert!(
+        size > data_end + (512 << 10),
+        "size {size}, data {data_end}"
+    );
+    assert!(
+        size <= data_end + (1 << 20) + 4096,
+        "size {size}, data {data_end}"
+    );
+    // Fills are not appends' fdatasyncs.
+    assert_eq!(filled.fsyncs, log.stats().fsyncs);
+    drop(log);
+    // The zeros after the last batch are preallocation: a reopen keeps every record
+    // and appends after them.
+    let (log, report) = Log::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(report.next_offset, 300);
+    let ack = log.append_blocking(&[Record::new("after")]).unwrap();
+    assert_eq!(ack.base_offset, 300);
+    let all = log.read(0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(all.len(), 301);
+    for (i, r) in all.iter().take(300).enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(r.value, Bytes::from(format!("{i}-{body}")));
+    }
+    assert_eq!(all[300].value, Bytes::from_static(b"after"));
+}
