@@ -303,7 +303,7 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
     }
 
     type PartitionFigure = fn(&PartitionSnap) -> String;
-    let per_partition: [(&str, &str, &str, PartitionFigure); 8] = [
+    let per_partition: [(&str, &str, &str, PartitionFigure); 9] = [
         (
             "carebus_partition_end_offset",
             "gauge",
@@ -345,6 +345,12 @@ fn render(broker: Option<&Broker>, http: &HttpMetrics) -> String {
             "counter",
             "Of the fdatasync calls, those the log's writer thread made itself for a small group at low load (no hand-off to the syncer thread).",
             |p| p.stats.inline_syncs.to_string(),
+        ),
+        (
+            "carebus_storage_fill_fsyncs_total",
+            "counter",
+            "fdatasync calls of zeros the log's writer filled ahead of the data while idle (not in carebus_storage_fsyncs_total: no append waits for them).",
+            |p| p.stats.fill_syncs.to_string(),
         ),
         (
             "carebus_storage_fsync_seconds_total",

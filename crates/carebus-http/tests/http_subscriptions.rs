@@ -1111,6 +1111,14 @@ async fn metrics_are_prometheus_text_and_move_with_the_traffic() {
         "{inline}"
     );
     assert!(value(&m, "carebus_storage_fsync_seconds_total", &t) >= 0.0);
+    // Two small records do not use up the zeros filled just in time: nothing to fill ahead.
+    assert!(
+        m.iter()
+            .any(|(n, l, _)| n == "carebus_storage_fill_fsyncs_total"
+                && l.get("topic").map(String::as_str) == Some("t")),
+        "no fill fsync counter for the topic"
+    );
+    assert_eq!(value(&m, "carebus_storage_fill_fsyncs_total", &t), 0.0);
     assert_eq!(value(&m, "carebus_storage_records_total", &t), 2.0);
     // The fdatasync histogram: count = fsyncs, +Inf bucket = count, buckets cumulative.
     let fsyncs = value(&m, "carebus_storage_fsyncs_total", &t);
