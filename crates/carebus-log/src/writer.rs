@@ -149,6 +149,7 @@ pub(crate) fn run(shared: Arc<Shared>, seg: WriterState, rx: Receiver<Request>) 
         buf: Vec::new(),
         roll_pending: false,
         fill_failed: false,
+        fill_file: None,
     };
     let mut shutting_down = false;
     while !shutting_down {
@@ -225,6 +226,14 @@ struct Writer {
     roll_pending: bool,
     /// A zero-fill ahead failed in the active segment: no more idle fills until a roll.
     fill_failed: bool,
+    /// The active segment (by base offset) opened a second time, for the idle fill's
+    /// writes and fdatasyncs. Its own open file description keeps the fill's fdatasync
+    /// from taking a writeback error away from the syncer: the kernel reports an error
+    /// once per open file description (errseq), so an fdatasync of the fill on the
+    /// syncer's descriptor, running beside the syncer's, could see the error in its
+    /// place and leave the syncer's fdatasync returning success for data that never
+    /// reached the disk. With two descriptors each sees it.
+    fill_file: Option<(u64, std::fs::File)>,
 }
 
 impl Writer {
@@ -263,10 +272,10 @@ impl Writer {
 
     /// Zero-fills one chunk past the allocated end (up to [`IDLE_FILL_AHEAD`] past the
     /// data, within the segment) and fdatasyncs it. Returns whether it filled one (the
-    /// caller then looks at its queue and may call again). A failed fdatasync poisons
-    /// the log like a data fdatasync: the syncer shares this file descriptor, and the
-    /// kernel reports a writeback error once, so the data written before it could be
-    /// lost without the syncer's next fdatasync failing.
+    /// caller then looks at its queue and may call again). It writes and syncs through
+    /// its own descriptor ([`Writer::fill_file`]), so the syncer's fdatasync still sees
+    /// any writeback error. A failed fdatasync poisons the log like a data fdatasync:
+    /// it flushes the file's data pages too, and the error may be theirs.
     fn fill_ahead_while_idle(&mut self) -> bool {
         if self.fill_failed
             || self.roll_pending
@@ -285,7 +294,25 @@ impl Writer {
         let zeros = ZEROS
             .get(..usize::try_from(n).unwrap_or(usize::MAX))
             .unwrap_or(&ZEROS);
-        if let Err(e) = fs_io::write_all_at(&self.seg.file, &self.seg.path, zeros, start) {
+        if self
+            .fill_file
+            .as_ref()
+            .is_none_or(|(base, _)| *base != self.seg.base)
+        {
+            self.fill_file = None;
+            match fs_io::open(&self.seg.path, fs_io::OpenMode::READ_WRITE) {
+                Ok(f) => self.fill_file = Some((self.seg.base, f)),
+                Err(e) => {
+                    tracing::warn!(segment = %self.seg.path.display(), error = %e, "cannot open the segment for zero-fill ahead");
+                    self.fill_failed = true;
+                    return false;
+                }
+            }
+        }
+        let Some((_, fill_file)) = &self.fill_file else {
+            return false;
+        };
+        if let Err(e) = fs_io::write_all_at(fill_file, &self.seg.path, zeros, start) {
             // Not needed for correctness (appends fill just in time): stop trying
             // until the next segment.
             tracing::warn!(segment = %self.seg.path.display(), error = %e, "zero-fill ahead failed");
@@ -293,7 +320,7 @@ impl Writer {
             return false;
         }
         self.seg.allocated = start + n;
-        if let Err(e) = fs_io::sync_data(&self.seg.file, &self.seg.path) {
+        if let Err(e) = fs_io::sync_data(fill_file, &self.seg.path) {
             let err = LogError::io("fdatasync", &self.seg.path, e);
             poison(&self.shared, err.to_string());
             return false;
@@ -390,6 +417,7 @@ impl Writer {
         };
         self.roll_pending = false;
         self.fill_failed = false;
+        self.fill_file = None;
         tracing::debug!(dir = %dir.display(), sealed = old.base, new_base = base, "segment rolled");
         Ok(())
     }
