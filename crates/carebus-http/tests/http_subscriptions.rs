@@ -1234,3 +1234,33 @@ async fn metrics_are_prometheus_text_and_move_with_the_traffic() {
     let m = parse_metrics(&get(&app, "/metrics").await.text());
     assert_eq!(value(&m, "carebus_ready", &[]), 0.0);
 }
+
+#[tokio::test]
+async fn the_fill_fsync_counter_moves_once_the_log_fills_ahead_while_idle() {
+    let api = api();
+    let app = &api.app;
+    put(app, "/v1/topics/fill", &json!({"partitions": 1}))
+        .await
+        .ok(201);
+    // ~320 KiB of data: more than one 128 KiB chunk past the first preallocation, so the
+    // log's writer, idle between these one-at-a-time publishes, fills ahead.
+    let body = "x".repeat(10 * 1024);
+    for i in 0..32 {
+        publish(app, "fill", &format!("k{i}"), None, &body).await;
+    }
+    let t = [("topic", "fill")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fills = loop {
+        let m = parse_metrics(&get(app, "/metrics").await.text());
+        let fills = value(&m, "carebus_storage_fill_fsyncs_total", &t);
+        if fills > 0.0 || Instant::now() >= deadline {
+            break fills;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(fills >= 1.0, "no fill fdatasync reported: {fills}");
+    // Fills are not appends' fdatasyncs: one publish at a time needs one each.
+    let m = parse_metrics(&get(app, "/metrics").await.text());
+    assert!(value(&m, "carebus_storage_fsyncs_total", &t) >= 32.0);
+    assert_eq!(value(&m, "carebus_storage_records_total", &t), 32.0);
+}
