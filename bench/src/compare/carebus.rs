@@ -111,6 +111,13 @@ pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<(Server, CarebusDri
 }
 
 impl Driver for CarebusDriver {
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.client.delete_topic(topic).await?;
+            Ok(())
+        })
+    }
+
     fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.client
@@ -321,6 +328,20 @@ impl StreamDriver {
 impl Driver for StreamDriver {
     fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
         self.inner.setup(topic, subs)
+    }
+
+    /// Closes the topic's socket (the last clone goes with the map's entry), then
+    /// deletes the topic.
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let stream = self
+                .streams
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(topic);
+            drop(stream);
+            self.inner.teardown(topic).await
+        })
     }
 
     fn publish<'a>(&'a self, topic: &'a str, key: &'a str, body: Bytes) -> BoxFut<'a, bool> {

@@ -23,6 +23,13 @@ impl CoreDriver {
 }
 
 impl Driver for CoreDriver {
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.broker.delete_topic(topic)?;
+            Ok(())
+        })
+    }
+
     fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.broker.put_topic(topic, TopicConfig::default())?;
@@ -121,5 +128,59 @@ impl Consumer for CoreConsumer {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carebus_core::BrokerConfig;
+
+    /// The harness deletes each workload's topic afterwards (so the next starts with its
+    /// memory given back): the topic and its stored data must then be gone.
+    #[tokio::test]
+    async fn teardown_deletes_the_topic_and_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _) = Broker::open(dir.path(), BrokerConfig::default()).unwrap();
+        let broker = Arc::new(broker);
+        let d = CoreDriver::new(Arc::clone(&broker));
+        d.setup("w1i1", &["s".to_owned()]).await.unwrap();
+        let keep = CoreDriver::new(Arc::clone(&broker));
+        keep.setup("w1i256", &[]).await.unwrap();
+        for i in 0..10 {
+            let dup = d
+                .publish("w1i1", &format!("k{i}"), Bytes::from(vec![b'x'; 1024]))
+                .await
+                .unwrap();
+            assert!(!dup);
+        }
+        let files_before = count_files(dir.path());
+        d.teardown("w1i1").await.unwrap();
+        let names: Vec<String> = broker
+            .topics()
+            .iter()
+            .map(|t| t.topic().name.clone())
+            .collect();
+        assert_eq!(names, vec!["w1i256".to_owned()]);
+        assert!(
+            count_files(dir.path()) < files_before,
+            "the topic's files are deleted"
+        );
+        assert!(d.teardown("w1i1").await.is_err(), "already gone");
+    }
+
+    fn count_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                if e.path().is_dir() {
+                    count_files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
     }
 }

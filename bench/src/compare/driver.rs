@@ -26,6 +26,13 @@ pub trait Driver: Send + Sync {
         sub: &'a str,
         name: &'a str,
     ) -> BoxFut<'a, Box<dyn Consumer>>;
+    /// Deletes `topic` with everything stored in it (its subscriptions, queues or
+    /// consumers too) once a workload's figures are taken. The next workload then starts
+    /// with the memory this one's data held in the page cache given back: on a virtual
+    /// machine whose free memory is returned to the host, writing into memory not used
+    /// lately is several times slower (BENCHMARKS.md, session 9), so without this a
+    /// workload's figure would depend on how much the workloads before it wrote.
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()>;
 }
 
 /// Messages received in one call, and when they had arrived (before they were acked).

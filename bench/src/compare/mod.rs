@@ -325,6 +325,14 @@ fn put_cpu(
     }
 }
 
+/// Deletes a workload's topic once its figures are taken (see [`Driver::teardown`]), so
+/// every workload of every system starts from the same memory, whatever ran before it.
+async fn release(d: &dyn Driver, topic: &str, errors: &mut Vec<String>) {
+    if let Err(e) = d.teardown(topic).await {
+        errors.push(format!("deleting topic {topic} after its workload: {e:#}"));
+    }
+}
+
 /// The workloads against one running system; failures are noted and the rest runs.
 async fn suite(
     name: &str,
@@ -343,15 +351,8 @@ async fn suite(
         }
         eprintln!("[{name}] W1 durable publish, in-flight {inflight}");
         let before = cpu_now(server_pids);
-        match workloads::w1(
-            Arc::clone(&d),
-            &format!("w1i{inflight}"),
-            inflight,
-            warm,
-            secs,
-        )
-        .await
-        {
+        let topic = format!("w1i{inflight}");
+        match workloads::w1(Arc::clone(&d), &topic, inflight, warm, secs).await {
             Ok(t) => {
                 put_throughput(m, &format!("w1_{inflight}"), &t);
                 put_cpu(
@@ -364,6 +365,7 @@ async fn suite(
             }
             Err(e) => errors.push(format!("W1 in-flight {inflight}: {e:#}")),
         }
+        release(d.as_ref(), &topic, errors).await;
     }
     if let Some(cb) = cb.filter(|_| args.runs("batch")) {
         eprintln!("[{name}] W1 via publish_batch (64 per request, 4 requests in flight)");
@@ -375,6 +377,7 @@ async fn suite(
             }
             Err(e) => errors.push(format!("publish_batch: {e:#}")),
         }
+        release(cb, "w1batch", errors).await;
     }
     if let Some(cb) = cb.filter(|_| args.runs("stream")) {
         let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
@@ -390,6 +393,7 @@ async fn suite(
                 }
                 Err(e) => errors.push(format!("messages:stream in-flight {inflight}: {e:#}")),
             }
+            release(streaming.as_ref(), &topic, errors).await;
         }
     }
     if args.runs("w2") {
@@ -456,6 +460,7 @@ async fn w2_w3(
         }
         Err(e) => errors.push(format!("W2/W3: {e:#}")),
     }
+    release(d.as_ref(), "w2", errors).await;
 }
 
 async fn w4(
@@ -482,6 +487,7 @@ async fn w4(
         Ok(w) => put_w4(m, "w4", &w, errors),
         Err(e) => errors.push(format!("W4: {e:#}")),
     }
+    release(d.as_ref(), "w4", errors).await;
     if let Some(cb) = cb {
         eprintln!(
             "[{name}] W4 with the producer on the messages:stream WebSocket, {}/s",
@@ -489,7 +495,7 @@ async fn w4(
         );
         let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
         match workloads::w4(
-            streaming,
+            Arc::clone(&streaming),
             "w4stream",
             args.w4_rate,
             Duration::from_secs(args.warmup),
@@ -500,6 +506,7 @@ async fn w4(
             Ok(w) => put_w4(m, "w4stream", &w, errors),
             Err(e) => errors.push(format!("W4 over messages:stream: {e:#}")),
         }
+        release(streaming.as_ref(), "w4stream", errors).await;
     }
 }
 
@@ -528,6 +535,7 @@ async fn w5(
         }
         Err(e) => errors.push(format!("W5: {e:#}")),
     }
+    release(d.as_ref(), "w5", errors).await;
 }
 
 /// One round of one system on a new server in `dir`.
@@ -600,6 +608,8 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
             }
             Err(e) => errors.push(format!("core publish {publishers}: {e:#}")),
         }
+        // As `release` does for the network workloads: give the data's memory back.
+        let _ = std::fs::remove_dir_all(dir.join(format!("core-{publishers}")));
     }
     if args.runs("core") {
         eprintln!(
@@ -611,6 +621,7 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
             Ok(w) => put_w4(m, "w4core", &w, errors),
             Err(e) => errors.push(format!("W4 in process: {e:#}")),
         }
+        let _ = std::fs::remove_dir_all(dir.join("w4-core"));
     }
     for connections in [1usize, 16] {
         if !args.runs("w6") {
@@ -633,6 +644,7 @@ fn carebus_in_process(dir: &Path, args: &CompareArgs, m: &mut Metrics, errors: &
             }
             Err(e) => errors.push(format!("W6 MLLP {connections}: {e:#}")),
         }
+        let _ = std::fs::remove_dir_all(dir.join(format!("mllp-{connections}")));
     }
 }
 

@@ -109,6 +109,16 @@ fn subject(topic: &str) -> String {
 }
 
 impl Driver for NatsDriver {
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.js
+                .delete_stream(topic)
+                .await
+                .map_err(|e| anyhow::anyhow!("deleting stream {topic}: {e}"))?;
+            Ok(())
+        })
+    }
+
     fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let s = self

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -114,12 +115,21 @@ pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<(Server, RabbitDriv
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    Ok((server, RabbitDriver { conn, publish }))
+    Ok((
+        server,
+        RabbitDriver {
+            conn,
+            publish,
+            queues: std::sync::Mutex::default(),
+        },
+    ))
 }
 
 pub struct RabbitDriver {
     conn: Connection,
     publish: Channel,
+    /// The queues declared for each topic (its exchange), for `teardown`.
+    queues: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 fn queue(topic: &str, sub: &str) -> String {
@@ -127,6 +137,26 @@ fn queue(topic: &str, sub: &str) -> String {
 }
 
 impl Driver for RabbitDriver {
+    fn teardown<'a>(&'a self, topic: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let names = self
+                .queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(topic)
+                .unwrap_or_default();
+            for q in names {
+                self.publish
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
+            self.publish
+                .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
+                .await?;
+            Ok(())
+        })
+    }
+
     fn setup<'a>(&'a self, topic: &'a str, subs: &'a [String]) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let ch = &self.publish;
@@ -146,6 +176,10 @@ impl Driver for RabbitDriver {
             } else {
                 subs.iter().map(|s| queue(topic, s)).collect()
             };
+            self.queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(topic.to_owned(), names.clone());
             for q in names {
                 let mut args = FieldTable::default();
                 args.insert(

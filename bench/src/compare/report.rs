@@ -338,7 +338,9 @@ pub fn markdown(i: &Input<'_>) -> String {
     let _ = writeln!(
         s,
         "Command: `carebus-bench {}` ({} round(s) per system, each on a new server, \
-         rounds interleaved across the systems; figures are medians over rounds). Whole run: {:.0} s.\n",
+         rounds interleaved across the systems; figures are medians over rounds; each workload's \
+         topic, stream or queue is deleted once its figures are taken, so the next starts with \
+         the memory its data held given back). Whole run: {:.0} s.\n",
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         i.args.rounds.max(1),
         i.elapsed.as_secs_f64()
