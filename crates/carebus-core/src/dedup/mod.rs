@@ -30,7 +30,7 @@
 //! expire(&mut self, now_ms) -> usize      // drop entries older than the window
 //! len(), is_empty(), memory_bytes(), disk_runs()
 //!
-//! defer_maintenance(&mut self, checkpoint_every)   // inserts stop sorting and writing
+//! defer_maintenance(&mut self, CheckpointPolicy, now_ms)   // inserts stop sorting and writing
 //! maintenance_due(&self, now_ms) -> bool
 //! begin_maintenance(&mut self, now_ms) -> Option<Maintenance>   // under the owner's lock: cheap
 //! Maintenance::run(self) -> MaintenanceDone             // without the lock: the work
@@ -497,6 +497,43 @@ impl Levels {
     }
 }
 
+/// When an index in deferred mode (see [`DedupIndex::defer_maintenance`]) wants a
+/// checkpoint. A checkpoint bounds what a restart after a crash replays from the log (the
+/// inserts since the last one) but costs a job that writes the runs changed since, with
+/// an fsync each, on the disk the log's fdatasyncs wait on. So it is wanted after
+/// `every_inserts` inserts, but not sooner than `min_interval_ms` after the last one
+/// unless `max_inserts` have accumulated: at a low rate a checkpoint per `every_inserts`,
+/// under sustained load at most one per `min_interval_ms`, and never more than
+/// `max_inserts` to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// Inserts after which a checkpoint is wanted, once `min_interval_ms` has passed.
+    pub every_inserts: u64,
+    /// The least time between two checkpoints (ms) while fewer than `max_inserts`
+    /// inserts wait.
+    pub min_interval_ms: i64,
+    /// Inserts after which a checkpoint is wanted whenever the last one was.
+    pub max_inserts: u64,
+}
+
+impl CheckpointPolicy {
+    /// A checkpoint after every `n` inserts, however soon.
+    pub fn every(n: u64) -> CheckpointPolicy {
+        CheckpointPolicy {
+            every_inserts: n,
+            min_interval_ms: 0,
+            max_inserts: n,
+        }
+    }
+
+    /// Whether `inserts` since the last checkpoint, `since_ms` ago, want one.
+    fn due(&self, inserts: u64, since_ms: i64) -> bool {
+        let every = self.every_inserts.max(1);
+        inserts >= self.max_inserts.max(every)
+            || (inserts >= every && since_ms >= self.min_interval_ms)
+    }
+}
+
 /// One topic's deduplication index. See the module documentation.
 pub struct DedupIndex {
     dir: PathBuf,
@@ -517,10 +554,12 @@ pub struct DedupIndex {
     generation: u64,
     /// A job from [`begin_maintenance`](Self::begin_maintenance) is not finished yet.
     job_out: bool,
-    /// `Some(n)`: the caller runs maintenance (see [`defer_maintenance`](Self::defer_maintenance))
-    /// and wants a checkpoint after every `n` inserts.
-    deferred: Option<u64>,
+    /// `Some(policy)`: the caller runs maintenance (see
+    /// [`defer_maintenance`](Self::defer_maintenance)) and wants checkpoints by `policy`.
+    deferred: Option<CheckpointPolicy>,
     inserts_since_checkpoint: u64,
+    /// When the last checkpoint job was handed out (ms; `i64::MIN`: none yet).
+    last_checkpoint_ms: i64,
     /// Deferred mode: the next maintenance job at or after this time (ms) also expires
     /// entries older than the window.
     next_expiry_ms: i64,
@@ -658,6 +697,7 @@ impl DedupIndex {
             job_out: false,
             deferred: None,
             inserts_since_checkpoint: 0,
+            last_checkpoint_ms: i64::MIN,
             // The first job after opening expires what aged during the downtime.
             next_expiry_ms: i64::MIN,
             dirty: false,
@@ -700,10 +740,22 @@ impl DedupIndex {
     /// From now on, inserts never sort, merge or write files themselves: the caller runs
     /// that work with [`begin_maintenance`](Self::begin_maintenance) (off its lock)
     /// whenever [`maintenance_due`](Self::maintenance_due) says so, and wants a checkpoint
-    /// after every `checkpoint_every` inserts. If the caller falls far behind, an insert
-    /// does the work itself.
-    pub fn defer_maintenance(&mut self, checkpoint_every: u64) {
-        self.deferred = Some(checkpoint_every.max(1));
+    /// as `policy` says, counting its interval from `now_ms` (an index just opened is as
+    /// good as checkpointed: what a restart would replay is what was just replayed). If
+    /// the caller falls far behind, an insert does the work itself.
+    pub fn defer_maintenance(&mut self, policy: CheckpointPolicy, now_ms: i64) {
+        self.deferred = Some(policy);
+        self.last_checkpoint_ms = now_ms;
+    }
+
+    /// Whether a deferred-mode checkpoint is wanted at `now_ms` (see [`CheckpointPolicy`]).
+    fn checkpoint_due(&self, now_ms: i64) -> bool {
+        self.deferred.is_some_and(|p| {
+            p.due(
+                self.inserts_since_checkpoint,
+                now_ms.saturating_sub(self.last_checkpoint_ms),
+            )
+        })
     }
 
     /// Whether [`begin_maintenance`](Self::begin_maintenance) has work to hand out at
@@ -712,9 +764,8 @@ impl DedupIndex {
         !self.poisoned
             && !self.job_out
             && (!self.frozen.is_empty()
-                || self.deferred.is_some_and(|every| {
-                    self.inserts_since_checkpoint >= every || self.expiry_due(now_ms)
-                }))
+                || self.checkpoint_due(now_ms)
+                || (self.deferred.is_some() && self.expiry_due(now_ms)))
     }
 
     fn expiry_due(&self, now_ms: i64) -> bool {
@@ -729,12 +780,14 @@ impl DedupIndex {
         if self.poisoned {
             return Err(self.poison_error());
         }
-        let checkpoint = self
-            .deferred
-            .is_some_and(|every| self.inserts_since_checkpoint >= every);
+        let checkpoint = self.checkpoint_due(now_ms);
         let expire_before = (self.deferred.is_some() && self.expiry_due(now_ms))
             .then(|| now_ms.saturating_sub(self.window_ms));
-        Ok(self.begin(checkpoint, expire_before))
+        let job = self.begin(checkpoint, expire_before);
+        if checkpoint && job.is_some() {
+            self.last_checkpoint_ms = now_ms;
+        }
+        Ok(job)
     }
 
     /// Installs the result of a job from [`begin_maintenance`](Self::begin_maintenance).
@@ -1111,7 +1164,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut idx, _) = DedupIndex::open(dir.path(), config(4 << 20)).unwrap();
         let per_buffer = idx.buffer_entries as u64;
-        idx.defer_maintenance(3 * per_buffer);
+        idx.defer_maintenance(CheckpointPolicy::every(3 * per_buffer), 0);
         let idx = Arc::new(Mutex::new(idx));
         let stop = Arc::new(AtomicBool::new(false));
         let maintainer = {
@@ -1187,7 +1240,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A budget below the live buffer's own capacity: over it even when empty.
         let (mut idx, _) = DedupIndex::open(dir.path(), config(1)).unwrap();
-        idx.defer_maintenance(u64::MAX);
+        idx.defer_maintenance(CheckpointPolicy::every(u64::MAX), 0);
         assert!(idx.memory_bytes() > 1);
         assert!(
             idx.begin_maintenance(10).unwrap().is_none(),
@@ -1227,7 +1280,7 @@ mod tests {
     fn deferred_index_works_itself_when_nobody_maintains_it() {
         let dir = tempfile::tempdir().unwrap();
         let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
-        idx.defer_maintenance(u64::MAX);
+        idx.defer_maintenance(CheckpointPolicy::every(u64::MAX), 0);
         let n = (MAX_FROZEN_BUFFERS as u64 + 3) * idx.buffer_entries as u64;
         for i in 0..n {
             idx.insert(&i.to_le_bytes(), entry(2, i, 10)).unwrap();
@@ -1248,11 +1301,81 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_policy_waits_out_its_interval_unless_too_many_inserts_wait() {
+        let p = CheckpointPolicy {
+            every_inserts: 10,
+            min_interval_ms: 1_000,
+            max_inserts: 50,
+        };
+        assert!(!p.due(9, i64::MAX), "fewer inserts than every_inserts");
+        assert!(p.due(10, 1_000));
+        assert!(!p.due(10, 999), "too soon after the last checkpoint");
+        assert!(!p.due(49, 0));
+        assert!(p.due(50, 0), "max_inserts wait: due however soon");
+        let every = CheckpointPolicy::every(10);
+        assert!(!every.due(9, 0));
+        assert!(every.due(10, 0));
+    }
+
+    #[test]
+    fn deferred_checkpoints_follow_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+            // Opened at t = 0: the interval counts from there.
+            idx.defer_maintenance(
+                CheckpointPolicy {
+                    every_inserts: 10,
+                    min_interval_ms: 1_000,
+                    max_inserts: 50,
+                },
+                0,
+            );
+            let run_job = |idx: &mut DedupIndex, now: i64| {
+                let job = idx.begin_maintenance(now).unwrap().expect("a job");
+                let done = job.run();
+                idx.finish_maintenance(done).unwrap();
+            };
+            for i in 0..10u64 {
+                idx.insert(&i.to_le_bytes(), entry(0, i, 0)).unwrap();
+            }
+            // The first expiry pass after opening is due at once (it sets the next one
+            // 225 s later); the checkpoint is not, so soon after opening.
+            assert!(idx.maintenance_due(100));
+            run_job(&mut idx, 100);
+            assert_eq!(idx.inserts_since_checkpoint, 10, "no checkpoint yet");
+            assert!(!idx.maintenance_due(999));
+            assert!(idx.maintenance_due(1_000), "min_interval_ms after opening");
+            run_job(&mut idx, 1_000);
+            assert_eq!(idx.inserts_since_checkpoint, 0);
+            for i in 10..20u64 {
+                idx.insert(&i.to_le_bytes(), entry(0, i, 100)).unwrap();
+            }
+            assert!(
+                !idx.maintenance_due(1_500),
+                "within min_interval_ms of the last"
+            );
+            assert!(idx.maintenance_due(2_000), "min_interval_ms after the last");
+            for i in 20..60u64 {
+                idx.insert(&i.to_le_bytes(), entry(0, i, 100)).unwrap();
+            }
+            assert!(idx.maintenance_due(1_500), "max_inserts wait");
+            run_job(&mut idx, 1_500);
+            assert_eq!(idx.inserts_since_checkpoint, 0);
+            assert!(!idx.maintenance_due(2_000));
+        }
+        // The last checkpoint persisted every insert: a restart replays none of them.
+        let (idx, replay_from) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
+        assert_eq!(replay_from.get(&0), Some(&60));
+        assert_eq!(idx.len(), 60);
+    }
+
+    #[test]
     fn deferred_maintenance_expires_entries_past_the_window_once_per_interval() {
         let dir = tempfile::tempdir().unwrap();
         let hour = 3_600_000i64;
         let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
-        idx.defer_maintenance(u64::MAX);
+        idx.defer_maintenance(CheckpointPolicy::every(u64::MAX), 0);
         let per_buffer = idx.buffer_entries as u64;
         // Old entries (t = 1 000) fill three buffers, recent ones (t = 2 h) one more.
         let old = 3 * per_buffer;
@@ -1305,7 +1428,7 @@ mod tests {
     fn a_job_finished_against_a_changed_index_poisons_it() {
         let dir = tempfile::tempdir().unwrap();
         let (mut idx, _) = DedupIndex::open(dir.path(), config(1 << 20)).unwrap();
-        idx.defer_maintenance(1);
+        idx.defer_maintenance(CheckpointPolicy::every(1), 0);
         idx.insert(b"k", entry(0, 0, 10)).unwrap();
         let job = idx.begin_maintenance(10).unwrap().unwrap();
         assert!(
