@@ -169,6 +169,27 @@ mod tests {
         assert!(d.teardown("w1i1").await.is_err(), "already gone");
     }
 
+    /// A workload that failed before its topic existed is reported once, by its own
+    /// error; a deletion that fails after a workload that went well is reported.
+    #[tokio::test]
+    async fn a_failed_deletion_is_noted_only_after_a_workload_that_noted_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _) = Broker::open(dir.path(), BrokerConfig::default()).unwrap();
+        let d = CoreDriver::new(Arc::new(broker));
+        let mut errors = Vec::new();
+        let since = errors.len();
+        errors.push("W1 in-flight 1: could not create the topic".to_owned());
+        super::super::release(&d, "never-made", &mut errors, since).await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let since = errors.len();
+        super::super::release(&d, "never-made", &mut errors, since).await;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[1].starts_with("deleting topic never-made after its workload"),
+            "{errors:?}"
+        );
+    }
+
     fn count_files(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir)
             .into_iter()

@@ -327,8 +327,13 @@ fn put_cpu(
 
 /// Deletes a workload's topic once its figures are taken (see [`Driver::teardown`]), so
 /// every workload of every system starts from the same memory, whatever ran before it.
-async fn release(d: &dyn Driver, topic: &str, errors: &mut Vec<String>) {
-    if let Err(e) = d.teardown(topic).await {
+/// `since`: how many errors were noted before the workload began. A failed deletion is
+/// noted only if the workload noted none: a workload that failed may have failed before
+/// its topic existed, and its own error is the one to read.
+async fn release(d: &dyn Driver, topic: &str, errors: &mut Vec<String>, since: usize) {
+    if let Err(e) = d.teardown(topic).await
+        && errors.len() <= since
+    {
         errors.push(format!("deleting topic {topic} after its workload: {e:#}"));
     }
 }
@@ -350,6 +355,7 @@ async fn suite(
             break;
         }
         eprintln!("[{name}] W1 durable publish, in-flight {inflight}");
+        let since = errors.len();
         let before = cpu_now(server_pids);
         let topic = format!("w1i{inflight}");
         match workloads::w1(Arc::clone(&d), &topic, inflight, warm, secs).await {
@@ -365,10 +371,11 @@ async fn suite(
             }
             Err(e) => errors.push(format!("W1 in-flight {inflight}: {e:#}")),
         }
-        release(d.as_ref(), &topic, errors).await;
+        release(d.as_ref(), &topic, errors, since).await;
     }
     if let Some(cb) = cb.filter(|_| args.runs("batch")) {
         eprintln!("[{name}] W1 via publish_batch (64 per request, 4 requests in flight)");
+        let since = errors.len();
         let before = cpu_now(server_pids);
         match carebus::batch_publish(cb, "w1batch", 64, 4, warm, secs).await {
             Ok(t) => {
@@ -377,12 +384,13 @@ async fn suite(
             }
             Err(e) => errors.push(format!("publish_batch: {e:#}")),
         }
-        release(cb, "w1batch", errors).await;
+        release(cb, "w1batch", errors, since).await;
     }
     if let Some(cb) = cb.filter(|_| args.runs("stream")) {
         let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
         for inflight in [1usize, 256] {
             eprintln!("[{name}] W1 via the messages:stream WebSocket, in-flight {inflight}");
+            let since = errors.len();
             let before = cpu_now(server_pids);
             let topic = format!("w1stream{inflight}");
             match workloads::w1(Arc::clone(&streaming), &topic, inflight, warm, secs).await {
@@ -393,7 +401,7 @@ async fn suite(
                 }
                 Err(e) => errors.push(format!("messages:stream in-flight {inflight}: {e:#}")),
             }
-            release(streaming.as_ref(), &topic, errors).await;
+            release(streaming.as_ref(), &topic, errors, since).await;
         }
     }
     if args.runs("w2") {
@@ -424,6 +432,7 @@ async fn w2_w3(
         "[{name}] W2 retrying producer ({} unique + 10 % resends), W3 drain",
         args.w2_messages
     );
+    let since = errors.len();
     match workloads::w2_w3(
         Arc::clone(d),
         "w2",
@@ -460,7 +469,7 @@ async fn w2_w3(
         }
         Err(e) => errors.push(format!("W2/W3: {e:#}")),
     }
-    release(d.as_ref(), "w2", errors).await;
+    release(d.as_ref(), "w2", errors, since).await;
 }
 
 async fn w4(
@@ -475,6 +484,7 @@ async fn w4(
         "[{name}] W4 end-to-end latency at {}/s for {} s",
         args.w4_rate, args.w4_seconds
     );
+    let since = errors.len();
     match workloads::w4(
         Arc::clone(d),
         "w4",
@@ -487,12 +497,13 @@ async fn w4(
         Ok(w) => put_w4(m, "w4", &w, errors),
         Err(e) => errors.push(format!("W4: {e:#}")),
     }
-    release(d.as_ref(), "w4", errors).await;
+    release(d.as_ref(), "w4", errors, since).await;
     if let Some(cb) = cb {
         eprintln!(
             "[{name}] W4 with the producer on the messages:stream WebSocket, {}/s",
             args.w4_rate
         );
+        let since = errors.len();
         let streaming: Arc<dyn Driver> = Arc::new(carebus::StreamDriver::new(cb.clone()));
         match workloads::w4(
             Arc::clone(&streaming),
@@ -506,7 +517,7 @@ async fn w4(
             Ok(w) => put_w4(m, "w4stream", &w, errors),
             Err(e) => errors.push(format!("W4 over messages:stream: {e:#}")),
         }
-        release(streaming.as_ref(), "w4stream", errors).await;
+        release(streaming.as_ref(), "w4stream", errors, since).await;
     }
 }
 
@@ -518,6 +529,7 @@ async fn w5(
     errors: &mut Vec<String>,
 ) {
     eprintln!("[{name}] W5 fan-out to 4 subscriptions, 8 competing consumers");
+    let since = errors.len();
     match workloads::w5(
         Arc::clone(d),
         "w5",
@@ -535,7 +547,7 @@ async fn w5(
         }
         Err(e) => errors.push(format!("W5: {e:#}")),
     }
-    release(d.as_ref(), "w5", errors).await;
+    release(d.as_ref(), "w5", errors, since).await;
 }
 
 /// One round of one system on a new server in `dir`.
