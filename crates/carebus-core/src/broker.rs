@@ -55,8 +55,8 @@ fn list_subdirs(dir: &Path) -> Result<Vec<PathBuf>, SubscriptionError> {
 /// after a crash replays at most 1,000,000 records per topic from the log. Each
 /// checkpoint writes the index runs changed since the last one and fsyncs them, beside
 /// the log's fdatasyncs on the same disk: against a checkpoint per 100,000 inserts, this
-/// ran the publish stream's W1 at 256 in flight 7 % faster over 30 s (BENCHMARKS.md,
-/// session 10). Replaying 990,000 records after a `kill -9` took 0.73 s there.
+/// ran the publish stream's W1 at 256 in flight 3–7 % faster over 30 s, 13 % over 6 s
+/// (BENCHMARKS.md, session 10). Replaying 990,000 records after a `kill -9` took 0.73 s.
 const DEDUP_CHECKPOINTS: CheckpointPolicy = CheckpointPolicy {
     every_inserts: 100_000,
     min_interval_ms: 10_000,
